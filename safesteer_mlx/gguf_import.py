@@ -52,7 +52,7 @@ def _scalar(meta: dict, key: str, default: Any = None) -> Any:
 
 
 def _hf_name(gguf_name: str) -> str | None:
-    """`blk.3.attn_q.weight` -> `model.layers.3.self_attn.q_proj.weight`; None for tensors we skip."""
+    """`blk.3.attn_q.weight` -> `model.layers.3.self_attn.q_proj.weight`; None when skipped."""
     stem, _, suffix = gguf_name.rpartition(".")
     if stem.startswith("blk."):
         _, index, kind = stem.split(".", 2)
@@ -70,11 +70,7 @@ def _unpermute_rows(w: mx.array, n_heads: int) -> mx.array:
     Works on quantized triples too: it only moves whole output rows.
     """
     rows = w.shape[0]
-    return (
-        w.reshape(n_heads, rows // n_heads // 2, 2, *w.shape[1:])
-        .swapaxes(1, 2)
-        .reshape(w.shape)
-    )
+    return w.reshape(n_heads, rows // n_heads // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
 def gguf_config(meta: dict) -> dict:
@@ -83,7 +79,8 @@ def gguf_config(meta: dict) -> dict:
     if arch not in SUPPORTED_ARCHITECTURES:
         raise SafeSteerError(
             f"GGUF architecture {arch!r} is not supported for import "
-            f"(supported: {', '.join(SUPPORTED_ARCHITECTURES)}; use the Hugging Face/MLX repo instead)"
+            f"(supported: {', '.join(SUPPORTED_ARCHITECTURES)}; "
+            "use the model's Hugging Face/MLX repo instead)"
         )
     n_heads = int(_scalar(meta, f"{arch}.attention.head_count"))
     hidden = int(_scalar(meta, f"{arch}.embedding_length"))
@@ -126,7 +123,9 @@ def _weights(raw: dict[str, mx.array], config: dict, dtype: mx.Dtype | None) -> 
         parts = ("weight", "scales", "biases") if stem in quantized else ("weight", "bias")
         tensors = {p: raw[f"{stem}.{p}"] for p in parts if f"{stem}.{p}" in raw}
         if stem in quantized:
-            bits = 32 * tensors["weight"].shape[1] // (tensors["scales"].shape[1] * QUANT_GROUP_SIZE)
+            bits = (
+                32 * tensors["weight"].shape[1] // (tensors["scales"].shape[1] * QUANT_GROUP_SIZE)
+            )
             tensors["bits"] = bits
         if heads is not None:
             tensors = {
@@ -198,7 +197,8 @@ def _tokenizer_dict(meta: dict) -> dict:
 
 
 def gguf_tokenizer(meta: dict):
-    """A `PreTrainedTokenizerFast` (vocabulary, merges, specials, chat template) from GGUF metadata."""
+    """A `PreTrainedTokenizerFast` (vocabulary, merges, specials, chat template) from the
+    GGUF metadata."""
     try:  # transformers >= 5: the converters moved into integrations.gguf
         from transformers.integrations.gguf.gguf_tokenizer_mapping import convert_gguf_tokenizer
     except ImportError:  # transformers 4.x
@@ -239,7 +239,9 @@ def load_gguf(path: str | Path, dtype: mx.Dtype | None = None) -> tuple[nn.Modul
     try:
         raw, meta = mx.load(str(path), return_metadata=True)
     except Exception as e:  # mlx raises RuntimeError/ValueError with the parser's words
-        raise SafeSteerError(f"cannot read GGUF file {path}: {e} (is it a complete .gguf file?)")
+        raise SafeSteerError(
+            f"cannot read GGUF file {path}: {e} (is it a complete .gguf file?)"
+        ) from None
     config = gguf_config(meta)
     weights = _weights(raw, config, dtype)
     config["tie_word_embeddings"] = "lm_head.weight" not in weights

@@ -1,0 +1,341 @@
+"""`safesteer-mlx …`: parse flags into the config tree, call the stage functions, render their
+progress events on stderr. Nothing is computed here."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+from safesteer_mlx import __version__
+from safesteer_mlx._blas import HINT as BLAS_HINT
+from safesteer_mlx._blas import bind_openblas
+from safesteer_mlx.errors import SafeSteerError
+from safesteer_mlx.progress import Event
+
+# --quick: sizes for a smoke run of a few minutes on a laptop CPU.
+QUICK = {"direction": {"n_train": 32, "n_val": 8, "positions": "last", "check_tokens": 16}}
+
+
+class StderrRenderer:
+    """Progress bars with ETA, log lines and warnings on stderr."""
+
+    def __init__(self, quiet: bool = False):
+        self.quiet = quiet
+        self._bar_open = False
+        self._last = 0.0
+
+    def _end_bar(self) -> None:
+        if self._bar_open:
+            sys.stderr.write("\n")
+            self._bar_open = False
+
+    def __call__(self, e: Event) -> None:
+        if self.quiet and e.kind not in ("warning",):
+            return
+        if e.kind == "progress":
+            now = time.monotonic()
+            if e.total and e.done < e.total and now - self._last < 0.2 and e.done:
+                return
+            self._last = now
+            width = 24
+            frac = e.done / e.total if e.total else 0.0
+            bar = "#" * int(frac * width) + "-" * (width - int(frac * width))
+            eta = f" eta {e.eta:5.0f}s" if e.eta is not None else ""
+            sys.stderr.write(f"\r[{e.stage}] {e.task:<20} |{bar}| {e.done}/{e.total}{eta}  ")
+            self._bar_open = True
+            if e.total and e.done >= e.total:
+                self._end_bar()
+            sys.stderr.flush()
+            return
+        self._end_bar()
+        prefix = "warning: " if e.kind == "warning" else ""
+        if e.message:
+            sys.stderr.write(f"[{e.stage}] {prefix}{e.message}\n")
+            sys.stderr.flush()
+
+
+def _add_common(p: argparse.ArgumentParser, *, model_required: bool = False) -> None:
+    p.add_argument(
+        "--model",
+        help="preset name, local dir, .gguf file, or hub repo id",
+        required=model_required,
+    )
+    p.add_argument("--run-dir", type=Path, help="the run directory (default runs/<model>)")
+    p.add_argument("--config", type=Path, help="a TOML file of config overrides")
+    p.add_argument("--harmful", help="harmful prompts: file, builtin:harmful, hf:ORG/NAME")
+    p.add_argument("--harmless", help="harmless prompts: file, builtin:harmless, hf:ORG/NAME")
+    p.add_argument("--adapter-path", help="an mlx-lm LoRA adapter fused into the base model")
+    p.add_argument("--dtype", choices=["float32", "float16", "bfloat16"])
+    p.add_argument("--system-prompt", help="system message for every prompt")
+    p.add_argument("--seed", type=int)
+    p.add_argument("--quick", action="store_true", help="smoke-run sizes (a few minutes on CPU)")
+    p.add_argument("--force", action="store_true", help="redo stages; reuse a non-run directory")
+    p.add_argument("--json", action="store_true", help="print the result as JSON on stdout")
+    p.add_argument("--quiet", action="store_true", help="only warnings on stderr")
+
+
+def _add_direction(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("direction (stage 1)")
+    g.add_argument("--n-train", type=int, help="harmful and harmless train prompts (each)")
+    g.add_argument("--n-val", type=int, help="harmful and harmless val prompts (each)")
+    g.add_argument(
+        "--positions",
+        choices=["all", "last"],
+        help="candidate positions: all post-instruction tokens, or the last",
+    )
+    g.add_argument("--coef", help="steering coefficient, or 'auto' (default 1.0)")
+    g.add_argument("--layer", type=int, help="force the steering layer")
+    g.add_argument("--position", type=int, help="force the post-instruction position (<0)")
+    g.add_argument("--no-filter", action="store_true", help="keep all train prompts")
+    g.add_argument("--batch-size", type=int)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="safesteer-mlx",
+        description="Make a chat model refuse harmful requests without making it dumber.",
+    )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("align", help="run every stage over one run directory")
+    _add_common(p)
+    _add_direction(p)
+
+    p = sub.add_parser("direction", help="stage 1: find the refusal direction (the teacher)")
+    _add_common(p)
+    _add_direction(p)
+
+    p = sub.add_parser("generate", help="complete prompts, optionally steered or with adapters")
+    p.add_argument("--model", required=True)
+    p.add_argument("--adapter-path", help="LoRA adapter directory (mlx-lm format)")
+    p.add_argument("--steer", help="direction.safetensors[:COEF] (layer from direction.json)")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--prompt", help="one prompt")
+    src.add_argument("--prompts", help="prompts: file, builtin:NAME, hf:ORG/NAME")
+    p.add_argument("--max-tokens", type=int, default=128)
+    p.add_argument("--temperature", type=float, default=0.0)
+    p.add_argument("--num-prompts", type=int, help="use at most N prompts (seeded sample)")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--dtype", choices=["float32", "float16", "bfloat16"])
+    p.add_argument("--system-prompt")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", action="store_true", help='print [{"prompt", "completion"}]')
+
+    p = sub.add_parser("models", help="list the model presets and what is available locally")
+    p.add_argument("--json", action="store_true")
+    return parser
+
+
+def _overrides(args: argparse.Namespace) -> dict:
+    get = lambda name: getattr(args, name, None)  # noqa: E731
+    coef = get("coef")
+    return {
+        "model": {"name": get("model"), "adapter_path": get("adapter_path"), "dtype": get("dtype")},
+        "data": {
+            "harmful": get("harmful"),
+            "harmless": get("harmless"),
+            "system_prompt": get("system_prompt"),
+        },
+        "direction": {
+            "n_train": get("n_train"),
+            "n_val": get("n_val"),
+            "positions": get("positions"),
+            "coef": coef,
+            "layer": get("layer"),
+            "position": get("position"),
+            "filter_train": False if get("no_filter") else None,
+            "batch_size": get("batch_size"),
+        },
+    }
+
+
+def resolve_config(args: argparse.Namespace):
+    """Defaults < the run directory's config.toml < --config FILE < --quick < flags."""
+    from safesteer_mlx.config import Config, apply_overrides, load_config
+    from safesteer_mlx.models import DEFAULT_MODEL
+
+    run_dir = args.run_dir
+    config = Config()
+    if run_dir is not None and (run_dir / "config.toml").exists():
+        config = load_config(run_dir / "config.toml")
+    if args.config is not None:
+        file_config = load_config(args.config)
+        apply_overrides(config, {k: v for k, v in file_config.to_dict().items()})
+    if args.quick:
+        apply_overrides(config, QUICK)
+    flags = {
+        s: {k: v for k, v in vals.items() if v is not None} for s, vals in _overrides(args).items()
+    }
+    apply_overrides(config, flags)
+    if args.seed is not None:
+        config.seed = args.seed
+    if not config.model.name:
+        config.model.name = DEFAULT_MODEL
+    if run_dir is None:
+        run_dir = Path("runs") / Path(config.model.name).name.replace(".gguf", "")
+    return config, run_dir
+
+
+def _prepare_run(config, run_dir: Path, force: bool, loaded):
+    from safesteer_mlx.config import to_toml
+    from safesteer_mlx.modeling import model_summary
+    from safesteer_mlx.run import RunDir, atomic_write_text
+
+    run = RunDir(run_dir)
+    if run.path.exists() and any(run.path.iterdir()):
+        ours = run.manifest_path.exists() or run.config.exists()
+        if not ours and not force:
+            raise SafeSteerError(
+                f"{run.path} exists and is not a safesteer-mlx run directory "
+                "(choose another --run-dir, or pass --force to use it)"
+            )
+    run.ensure()
+    data = {**config.to_dict(), "resolved_model": model_summary(loaded)}
+    atomic_write_text(run.config, to_toml(data))
+    return run
+
+
+def _load(config):
+    from safesteer_mlx.modeling import load_model
+
+    return load_model(
+        config.model.name,
+        dtype=config.model.dtype,
+        adapter_path=config.model.adapter_path,
+        revision=config.model.revision,
+    )
+
+
+def cmd_direction(args: argparse.Namespace) -> dict:
+    from safesteer_mlx.direction import run_direction
+
+    config, run_dir = resolve_config(args)
+    render = StderrRenderer(args.quiet)
+    render(Event("direction", "log", f"loading {config.model.name}"))
+    loaded = _load(config)
+    run = _prepare_run(config, run_dir, args.force, loaded)
+    result = run_direction(config, run, loaded=loaded, progress=render, force=args.force)
+    summary = {
+        "run_dir": str(run.path),
+        "layer": result["layer"],
+        "position": result["position"],
+        "coefficient": result["coefficient"],
+        "norm": result["norm"],
+        **result["premise"],
+        "stage": run.stage("direction"),
+    }
+    summary.pop("teacher_examples", None)
+    return summary
+
+
+def cmd_align(args: argparse.Namespace) -> dict:
+    # The stages that exist so far run in order over one run directory.
+    return {"direction": cmd_direction(args)}
+
+
+def _parse_steer(spec: str) -> tuple[Path, float | None]:
+    path, _, coef = spec.partition(":") if not Path(spec).exists() else (spec, "", "")
+    if coef:
+        try:
+            return Path(path), float(coef)
+        except ValueError:
+            raise SafeSteerError(f"--steer {spec!r}: {coef!r} is not a number") from None
+    return Path(path), None
+
+
+def cmd_generate(args: argparse.Namespace) -> list[dict]:
+    import contextlib
+
+    from safesteer_mlx.data import Prompt, load_prompts
+    from safesteer_mlx.direction import encode_prompts, load_direction
+    from safesteer_mlx.generation import generate_batch
+    from safesteer_mlx.modeling import load_model, steered
+
+    steer = None
+    if args.steer:
+        path, coef = _parse_steer(args.steer)
+        direction, meta = load_direction(path)
+        steer = (direction, int(meta["layer"]), coef if coef is not None else meta["coefficient"])
+    if args.prompt is not None:
+        prompts = [Prompt(args.prompt)]
+    else:
+        prompts = load_prompts(args.prompts, limit=args.num_prompts, seed=args.seed)
+    loaded = load_model(args.model, dtype=args.dtype)
+    if args.adapter_path:
+        from mlx_lm.tuner.utils import load_adapters
+
+        load_adapters(loaded.model, args.adapter_path)
+        loaded.model.eval()
+    seqs = encode_prompts(loaded, prompts, args.system_prompt)
+    ctx = steered(loaded.model, *steer) if steer else contextlib.nullcontext()
+    with ctx:
+        gen = generate_batch(
+            loaded.model,
+            loaded.tokenizer,
+            seqs,
+            max_tokens=args.max_tokens,
+            temperature=args.temperature,
+            seed=args.seed,
+            batch_size=args.batch_size,
+        )
+    sys.stderr.write(
+        f"[generate] {gen.generation_tokens} tokens at {gen.generation_tps:.1f} tokens/s, "
+        f"peak memory {gen.peak_memory_gb:.2f} GB\n"
+    )
+    return [{"prompt": p.instruction, "completion": t} for p, t in zip(prompts, gen.texts)]
+
+
+def cmd_models(args: argparse.Namespace) -> list[dict]:
+    from safesteer_mlx.models import list_rows
+
+    return list_rows()
+
+
+def _print_models(rows: list[dict]) -> None:
+    print(f"{'name':<14} {'params':>7} {'size':>7}  {'family':<7} {'quantization':<22} status")
+    for r in rows:
+        status = f"available ({r['path']})" if r["available"] else r["hint"]
+        default = " (default)" if r.get("default") else ""
+        print(
+            f"{r['name']:<14} {r['params']:>6.2f}B {r['size_gb']:>5.2f}GB  {r['family']:<7} "
+            f"{r['quantization']:<22} {status}{default}"
+        )
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not bind_openblas() and args.command not in ("models",):
+        sys.stderr.write(BLAS_HINT + "\n")
+    commands = {
+        "align": cmd_align,
+        "direction": cmd_direction,
+        "generate": cmd_generate,
+        "models": cmd_models,
+    }
+    try:
+        result = commands[args.command](args)
+    except SafeSteerError as e:
+        sys.stderr.write(f"safesteer-mlx: error: {e}\n")
+        return 2
+    except KeyboardInterrupt:
+        sys.stderr.write("safesteer-mlx: interrupted; rerun the same command to resume\n")
+        return 130
+    if args.json:
+        print(json.dumps(result, indent=2, ensure_ascii=False))
+    elif args.command == "models":
+        _print_models(result)
+    elif args.command == "generate":
+        for r in result:
+            print(f"### {r['prompt']}\n{r['completion']}\n")
+    else:
+        print(json.dumps(result, indent=2, ensure_ascii=False))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,165 @@
+"""One typed config tree, read from TOML and CLI flags, written back with every default.
+
+Defaults are the SafeSteer authors' reference values (Refusal-direction selection as in
+Arditi et al.'s pipeline) unless noted.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from safesteer_mlx.errors import SafeSteerError
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    try:
+        import tomli as tomllib
+    except ImportError:  # pragma: no cover
+        tomllib = None
+
+
+@dataclass
+class ModelConfig:
+    name: str = "smollm2-135m"  # preset, local dir, .gguf file, or hub repo id
+    dtype: str | None = None  # float32|float16|bfloat16; None: the preset's, else as stored
+    adapter_path: str | None = None  # an mlx-lm adapter fused into the base before alignment
+    revision: str | None = None  # hub revision
+
+
+@dataclass
+class DataConfig:
+    harmful: str = "builtin:harmful"  # prompt source (file, builtin:NAME, hf:ORG/NAME)
+    harmless: str = "builtin:harmless"
+    system_prompt: str | None = None  # None: the chat template's default
+
+
+@dataclass
+class DirectionConfig:
+    n_train: int = 128  # per side (harmful, harmless)
+    n_val: int = 32  # per side, held out from the train sources, for selection
+    filter_train: bool = True  # keep harmful with refusal score > 0, harmless < 0
+    batch_size: int = 16
+    positions: str = "all"  # "all" post-instruction template positions, or "last"
+    max_layer_fraction: float = 0.8  # drop candidates in the last 20% of layers
+    kl_threshold: float = 0.1  # drop candidates whose ablation moves harmless KL more
+    induce_threshold: float = 0.0  # drop candidates whose induced refusal score is below
+    coef: str = "1.0"  # steering coefficient, or "auto"
+    layer: int | None = None  # force a layer (skips selection among layers)
+    position: int | None = None  # force a post-instruction position (negative index)
+    check_tokens: int = 24  # tokens generated for the premise check (refusal rates)
+
+
+@dataclass
+class Config:
+    seed: int = 0
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    direction: DirectionConfig = field(default_factory=DirectionConfig)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def section(self, name: str) -> dict:
+        return dataclasses.asdict(getattr(self, name))
+
+
+def _coerce(value: Any, typ: Any, where: str) -> Any:
+    text = str(typ)
+    if value is None:
+        if "None" in text:
+            return None
+        raise SafeSteerError(f"{where} cannot be empty")
+    try:
+        if text.startswith("int"):
+            if isinstance(value, bool):
+                raise ValueError
+            return int(value)
+        if text.startswith("float"):
+            return float(value)
+        if text.startswith("bool"):
+            if isinstance(value, str):
+                if value.lower() in ("1", "true", "yes", "on"):
+                    return True
+                if value.lower() in ("0", "false", "no", "off"):
+                    return False
+                raise ValueError
+            return bool(value)
+        if text.startswith("str"):
+            return str(value)
+        return value
+    except (TypeError, ValueError):
+        raise SafeSteerError(f"{where} = {value!r} is not a valid {text}") from None
+
+
+def apply_overrides(config: Config, overrides: dict[str, dict[str, Any]]) -> Config:
+    """Set `config.section.key` for each given value (None = leave as is), checking names/types."""
+    for section, values in overrides.items():
+        if not hasattr(config, section) or not dataclasses.is_dataclass(getattr(config, section)):
+            if section == "seed" or not isinstance(values, dict):
+                config.seed = _coerce(values, "int", "seed")
+                continue
+            raise SafeSteerError(
+                f"unknown config section [{section}] (known: model, data, direction, seed)"
+            )
+        target = getattr(config, section)
+        known = {f.name: f.type for f in fields(target)}
+        for key, value in values.items():
+            if key not in known:
+                raise SafeSteerError(
+                    f"unknown config key {section}.{key} (known: {', '.join(sorted(known))})"
+                )
+            setattr(target, key, _coerce(value, known[key], f"{section}.{key}"))
+    return config
+
+
+def load_config(path: str | Path | None) -> Config:
+    config = Config()
+    if path is None:
+        return config
+    path = Path(path)
+    if not path.exists():
+        raise SafeSteerError(f"config file not found: {path} (give an existing .toml file)")
+    if tomllib is None:  # pragma: no cover
+        raise SafeSteerError("reading TOML on Python 3.10 needs tomli (pip install tomli)")
+    try:
+        data = tomllib.loads(path.read_text(encoding="utf-8"))
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
+        raise SafeSteerError(f"cannot parse {path}: {e} (fix the TOML syntax)") from None
+    return apply_overrides(config, data)
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    text = str(value)
+    escaped = text.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+    return f'"{escaped}"'
+
+
+def to_toml(data: dict) -> str:
+    """A small TOML writer for the config tree: scalars first, then one table per section.
+    None values are written as comments (TOML has no null)."""
+    lines: list[str] = []
+    tables = {k: v for k, v in data.items() if isinstance(v, dict)}
+    for key, value in data.items():
+        if not isinstance(value, dict):
+            lines.append(f"{key} = {_toml_value(value)}" if value is not None else f"# {key} =")
+    for name, table in tables.items():
+        lines.append(f"\n[{name}]")
+        for key, value in table.items():
+            if isinstance(value, dict):
+                continue
+            lines.append(f"{key} = {_toml_value(value)}" if value is not None else f"# {key} =")
+        for key, value in table.items():
+            if isinstance(value, dict):
+                lines.append(to_toml({f"{name}.{key}": value}).strip())
+    return "\n".join(lines).strip() + "\n"

@@ -1,0 +1,71 @@
+"""A tiny random llama-architecture chat model, built in the test process (nothing downloaded)."""
+
+from __future__ import annotations
+
+import mlx.core as mx
+from mlx_lm.models import llama
+from mlx_lm.tokenizer_utils import BPEStreamingDetokenizer, TokenizerWrapper
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+from transformers import PreTrainedTokenizerFast
+
+from safesteer_mlx.modeling import LoadedModel
+
+SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
+    "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+def tiny_tokenizer() -> TokenizerWrapper:
+    """Byte-level BPE with no merges: every byte is a token, plus three chat specials."""
+    byte_chars = list(pre_tokenizers.ByteLevel.alphabet())
+    vocab = {tok: i for i, tok in enumerate(SPECIALS + sorted(byte_chars))}
+    backend = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    backend.add_special_tokens(SPECIALS)
+    hf = PreTrainedTokenizerFast(
+        tokenizer_object=backend, bos_token=None, eos_token="<|im_end|>", pad_token="<|endoftext|>"
+    )
+    hf.chat_template = CHAT_TEMPLATE
+    return TokenizerWrapper(hf, BPEStreamingDetokenizer, eos_token_ids=[2])
+
+
+def tiny_config(vocab_size: int, layers: int = 4, hidden: int = 32) -> dict:
+    return {
+        "model_type": "llama",
+        "hidden_size": hidden,
+        "num_hidden_layers": layers,
+        "intermediate_size": 2 * hidden,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "rms_norm_eps": 1e-5,
+        "vocab_size": vocab_size,
+        "rope_theta": 10000.0,
+        "tie_word_embeddings": False,
+    }
+
+
+def tiny_model(seed: int = 0, layers: int = 4, hidden: int = 32) -> LoadedModel:
+    """A float32 random model with the tiny tokenizer, as `load_model` would return it."""
+    from pathlib import Path
+
+    tok = tiny_tokenizer()
+    config = tiny_config(len(tok.get_vocab()), layers, hidden)
+    mx.random.seed(seed)
+    model = llama.Model(llama.ModelArgs.from_dict(config))
+    # Larger-than-default embeddings so the residual stream is not dominated by the norms.
+    model.model.embed_tokens.weight = mx.random.normal(model.model.embed_tokens.weight.shape)
+    mx.eval(model.parameters())
+    model.eval()
+    return LoadedModel(
+        model=model,
+        tokenizer=tok,
+        config=config,
+        source="tiny",
+        path=Path("tiny"),
+        identity=f"tiny-{seed}-{layers}-{hidden}",
+        family="llama",
+        quantized=False,
+    )

@@ -26,7 +26,7 @@ from safesteer_mlx.modeling import (
     ablated,
     capture_layer_inputs,
     forward_hidden,
-    last_logits,
+    last_logits_batches,
     pad_right,
     steered,
 )
@@ -111,9 +111,7 @@ def refusal_scores(
     log P(refusal) - log(1 - P(refusal)), and the full log-probs at that position."""
     scores, logps = [], []
     ref = mx.array(refusal_ids)
-    for batch in _batches(seqs, batch_size):
-        tokens, lengths = pad_right(batch)
-        logits = last_logits(model, tokens, lengths)
+    for logits in last_logits_batches(model, seqs, batch_size):
         logp = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
         p_ref = mx.exp(logp[:, ref]).sum(axis=-1)
         eps = 1e-8

@@ -95,7 +95,13 @@ def gguf_config(meta: dict) -> dict:
         "rope_theta": float(_scalar(meta, f"{arch}.rope.freq_base", 10000.0)),
         "max_position_embeddings": int(_scalar(meta, f"{arch}.context_length", 4096)),
         "vocab_size": len(meta["tokenizer.ggml.tokens"]),
-        "head_dim": int(_scalar(meta, f"{arch}.rope.dimension_count", hidden // n_heads)),
+        "head_dim": int(
+            _scalar(
+                meta,
+                f"{arch}.attention.key_length",
+                _scalar(meta, f"{arch}.rope.dimension_count", hidden // n_heads),
+            )
+        ),
     }
     scaling_factor = _scalar(meta, f"{arch}.rope.scaling.factor")
     if scaling_factor:
@@ -133,10 +139,13 @@ def _weights(raw: dict[str, mx.array], config: dict, dtype: mx.Dtype | None) -> 
                 for k, v in tensors.items()
             }
         if stem in quantized and dtype is not None:
+            # Dequantize in float32: GGUF's scales are float16, and scale * q + bias computed in
+            # float16 would round every weight (5e-2 logit error on SmolLM2 vs transformers).
+            biases = tensors.get("biases")
             w = mx.dequantize(
                 tensors["weight"],
-                tensors["scales"],
-                tensors.get("biases"),
+                tensors["scales"].astype(mx.float32),
+                None if biases is None else biases.astype(mx.float32),
                 group_size=QUANT_GROUP_SIZE,
                 bits=tensors["bits"],
             )
@@ -243,6 +252,11 @@ def load_gguf(path: str | Path, dtype: mx.Dtype | None = None) -> tuple[nn.Modul
             f"cannot read GGUF file {path}: {e} (is it a complete .gguf file?)"
         ) from None
     config = gguf_config(meta)
+    if "rope_freqs.weight" in raw:
+        raise SafeSteerError(
+            f"{path.name} uses Llama-3.1-style RoPE frequency factors (rope_freqs), which the GGUF "
+            "import does not support yet (use the hub preset, e.g. --model llama-3.1-8b)"
+        )
     weights = _weights(raw, config, dtype)
     config["tie_word_embeddings"] = "lm_head.weight" not in weights
     quant = None if dtype is not None else _quantization(raw)

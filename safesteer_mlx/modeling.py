@@ -356,14 +356,70 @@ def ablated(model: nn.Module, direction: mx.array) -> Iterator[nn.Module]:
             setattr(block, name, sub)
 
 
-def last_logits(model: nn.Module, tokens: mx.array, lengths: mx.array) -> mx.array:
+def last_logits(
+    model: nn.Module, tokens: mx.array, lengths: mx.array, cache: list | None = None
+) -> mx.array:
     """Logits at each sequence's last real token, for a right-padded batch [B, T].
 
     Right padding needs no attention mask: causal attention never lets a real token see the pads
-    after it, and positions start at 0 for every row."""
-    hidden = forward_hidden(model, tokens)
+    after it, and positions start at 0 for every row (or at the shared prefix's length when
+    `cache` holds that prefix's keys and values)."""
+    hidden = _inner(model)(tokens, cache=cache)
     last = mx.take_along_axis(hidden, (lengths - 1)[:, None, None], axis=1)  # [B, 1, D]
     return lm_head(model, last)[:, 0, :].astype(mx.float32)
+
+
+def common_prefix(seqs: list[list[int]]) -> list[int]:
+    """The longest prefix every sequence shares, leaving each at least one token of its own."""
+    n = min(len(s) for s in seqs) - 1
+    first = seqs[0]
+    for s in seqs[1:]:
+        i = 0
+        while i < n and s[i] == first[i]:
+            i += 1
+        n = i
+    return first[: max(n, 0)]
+
+
+def prefix_kv(model: nn.Module, prefix: list[int]) -> list[tuple[mx.array, mx.array]] | None:
+    """Keys and values of a shared prompt prefix (system prompt, template header), computed
+    once under whatever steering/ablation is active; None when the model's cache is not a plain
+    KV cache (e.g. sliding-window layers), where callers recompute the prefix."""
+    from mlx_lm.models.cache import KVCache, make_prompt_cache
+
+    cache = make_prompt_cache(model)
+    if len(prefix) < 2 or not all(type(c) is KVCache for c in cache):
+        return None
+    _inner(model)(mx.array([prefix]), cache=cache)
+    kv = [(c.keys[..., : c.offset, :], c.values[..., : c.offset, :]) for c in cache]
+    mx.eval(kv)
+    return kv
+
+
+def batch_cache(kv: list[tuple[mx.array, mx.array]], batch: int) -> list:
+    """A fresh KV cache holding the shared prefix for every row of a batch."""
+    from mlx_lm.models.cache import KVCache
+
+    caches = []
+    for k, v in kv:
+        c = KVCache()
+        c.keys, c.values = mx.repeat(k, batch, axis=0), mx.repeat(v, batch, axis=0)
+        c.offset = k.shape[2]
+        caches.append(c)
+    return caches
+
+
+def last_logits_batches(model: nn.Module, seqs: list[list[int]], batch_size: int):
+    """Yield last-token logits [b, V] for each batch of `seqs`, computing the prompts' shared
+    prefix once (a chat template's system prompt is often half of every prompt)."""
+    prefix = common_prefix(seqs)
+    kv = prefix_kv(model, prefix)
+    skip = len(prefix) if kv is not None else 0
+    for i in range(0, len(seqs), batch_size):
+        batch = [s[skip:] for s in seqs[i : i + batch_size]]
+        tokens, lengths = pad_right(batch)
+        cache = batch_cache(kv, len(batch)) if kv is not None else None
+        yield last_logits(model, tokens, lengths, cache)
 
 
 def _inner(model: nn.Module) -> nn.Module:

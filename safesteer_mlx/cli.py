@@ -163,8 +163,9 @@ def resolve_config(args: argparse.Namespace):
     if run_dir is not None and (run_dir / "config.toml").exists():
         config = load_config(run_dir / "config.toml")
     if args.config is not None:
-        file_config = load_config(args.config)
-        apply_overrides(config, {k: v for k, v in file_config.to_dict().items()})
+        from safesteer_mlx.config import read_overrides
+
+        apply_overrides(config, read_overrides(args.config))
     if args.quick:
         apply_overrides(config, QUICK)
     flags = {
@@ -186,7 +187,7 @@ def _prepare_run(config, run_dir: Path, force: bool, loaded):
     from safesteer_mlx.run import RunDir, atomic_write_text
 
     run = RunDir(run_dir)
-    if run.path.exists() and any(run.path.iterdir()):
+    if run.path.is_dir() and any(run.path.iterdir()):
         ours = run.manifest_path.exists() or run.config.exists()
         if not ours and not force:
             raise SafeSteerError(
@@ -259,7 +260,7 @@ def cmd_generate(args: argparse.Namespace) -> list[dict]:
     if args.steer:
         path, coef = _parse_steer(args.steer)
         direction, meta = load_direction(path)
-        steer = (direction, int(meta["layer"]), coef if coef is not None else meta["coefficient"])
+        steer = (direction, meta["layer"], coef if coef is not None else meta["coefficient"])
     if args.prompt is not None:
         prompts = [Prompt(args.prompt)]
     else:

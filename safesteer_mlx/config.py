@@ -55,11 +55,26 @@ class DirectionConfig:
 
 
 @dataclass
+class MiningConfig:
+    horizon: int = 7  # H: the teacher samples H-1 tokens; Δ is read at the last H positions
+    generations: int = 8  # M: samples per harmless prompt
+    top_k: int = 200  # each valid (sample, position) votes for its top-K tokens by Δ
+    num_tokens: int = 50  # |S|
+    min_teacher_prob: float = 1e-8  # ban tokens the teacher itself almost never produces
+    ranking: str = "votes"  # "votes" (the reference) or "mean" Δ
+    temperature: float = 1.0
+    top_p: float = 1.0
+    num_prompts: int | None = None  # harmless val prompts used (None: all of direction's val)
+    batch_size: int = 16
+
+
+@dataclass
 class Config:
     seed: int = 0
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     direction: DirectionConfig = field(default_factory=DirectionConfig)
+    mining: MiningConfig = field(default_factory=MiningConfig)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -76,7 +91,7 @@ def _coerce(value: Any, typ: Any, where: str) -> Any:
         raise SafeSteerError(f"{where} cannot be empty")
     try:
         if text.startswith("int"):
-            if isinstance(value, bool):
+            if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
                 raise ValueError
             return int(value)
         if text.startswith("float"):
@@ -99,13 +114,15 @@ def _coerce(value: Any, typ: Any, where: str) -> Any:
 def apply_overrides(config: Config, overrides: dict[str, dict[str, Any]]) -> Config:
     """Set `config.section.key` for each given value (None = leave as is), checking names/types."""
     for section, values in overrides.items():
-        if not hasattr(config, section) or not dataclasses.is_dataclass(getattr(config, section)):
-            if section == "seed" or not isinstance(values, dict):
-                config.seed = _coerce(values, "int", "seed")
-                continue
+        if section == "seed":
+            config.seed = _coerce(values, "int", "seed")
+            continue
+        if not dataclasses.is_dataclass(getattr(config, section, None)):
             raise SafeSteerError(
-                f"unknown config section [{section}] (known: model, data, direction, seed)"
+                f"unknown config section [{section}] (known: model, data, direction, mining, seed)"
             )
+        if not isinstance(values, dict):
+            raise SafeSteerError(f"config section [{section}] must be a table, got {values!r}")
         target = getattr(config, section)
         known = {f.name: f.type for f in fields(target)}
         for key, value in values.items():
@@ -118,9 +135,13 @@ def apply_overrides(config: Config, overrides: dict[str, dict[str, Any]]) -> Con
 
 
 def load_config(path: str | Path | None) -> Config:
-    config = Config()
     if path is None:
-        return config
+        return Config()
+    return apply_overrides(Config(), read_overrides(path))
+
+
+def read_overrides(path: str | Path) -> dict:
+    """The values a TOML file sets (no defaults filled in)."""
     path = Path(path)
     if not path.exists():
         raise SafeSteerError(f"config file not found: {path} (give an existing .toml file)")
@@ -130,7 +151,8 @@ def load_config(path: str | Path | None) -> Config:
         data = tomllib.loads(path.read_text(encoding="utf-8"))
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
         raise SafeSteerError(f"cannot parse {path}: {e} (fix the TOML syntax)") from None
-    return apply_overrides(config, data)
+    data.pop("resolved_model", None)  # what a run's config.toml records about the loaded model
+    return data
 
 
 def _toml_value(value: Any) -> str:

@@ -565,7 +565,15 @@ def load_direction(path) -> tuple[mx.array, dict]:
     meta_path = path.with_suffix(".json")
     if not meta_path.exists():
         raise SafeSteerError(f"{meta_path} is missing (it records the layer and coefficient)")
-    tensors = mx.load(str(path))
+    try:
+        tensors = mx.load(str(path))
+    except (RuntimeError, ValueError) as e:
+        raise SafeSteerError(f"cannot read {path}: {e} (give a direction.safetensors)") from None
     if "direction" not in tensors:
         raise SafeSteerError(f"{path} has no 'direction' tensor")
-    return tensors["direction"], json.loads(meta_path.read_text())
+    try:
+        meta = json.loads(meta_path.read_text(encoding="utf-8"))
+        meta["layer"], meta["coefficient"] = int(meta["layer"]), float(meta["coefficient"])
+    except (ValueError, KeyError, TypeError):
+        raise SafeSteerError(f"{meta_path} has no valid 'layer' and 'coefficient'") from None
+    return tensors["direction"], meta

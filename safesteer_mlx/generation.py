@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 
 import mlx.core as mx
@@ -13,8 +14,12 @@ class Generations:
     token_ids: list[list[int]]
     prompt_tokens: int
     generation_tokens: int
-    generation_tps: float
+    seconds: float
     peak_memory_gb: float
+
+    @property
+    def generation_tps(self) -> float:
+        return self.generation_tokens / max(self.seconds, 1e-9)
 
 
 def generate_batch(
@@ -27,31 +32,42 @@ def generate_batch(
     top_p: float = 1.0,
     seed: int | None = None,
     batch_size: int = 32,
+    stop_at_eos: bool = True,
 ) -> Generations:
-    """Complete every prompt (token ids) in batches; greedy when temperature is 0. Generation
-    stops at the tokenizer's end-of-turn tokens."""
-    from mlx_lm.generate import batch_generate
+    """Complete every prompt (token ids), all in flight together in batches of `batch_size`;
+    greedy when temperature is 0. With `stop_at_eos` a completion ends at the tokenizer's
+    end-of-turn tokens (which are not returned); without it every completion has `max_tokens`
+    tokens. Results come back in prompt order."""
+    from mlx_lm.generate import BatchGenerator
     from mlx_lm.sample_utils import make_sampler
 
     if seed is not None:
         mx.random.seed(seed)
-    sampler = make_sampler(temp=temperature, top_p=top_p)
-    response = batch_generate(
+    stops = [[t] for t in tokenizer.eos_token_ids] if stop_at_eos else None
+    gen = BatchGenerator(
         model,
-        tokenizer,
-        prompts,
-        max_tokens=max_tokens,
-        return_token_ids=True,
-        sampler=sampler,
+        stop_tokens=stops,
+        sampler=make_sampler(temp=temperature, top_p=top_p),
         completion_batch_size=batch_size,
         prefill_batch_size=min(batch_size, 8),
     )
-    stats = response.stats
+    t0 = time.perf_counter()
+    try:
+        uids = gen.insert(prompts, [max_tokens] * len(prompts))
+        tokens: dict[int, list[int]] = {uid: [] for uid in uids}
+        while responses := gen.next_generated():
+            for r in responses:
+                if r.finish_reason != "stop":
+                    tokens[r.uid].append(r.token)
+    finally:
+        gen.close()
+    seconds = time.perf_counter() - t0
+    ids = [tokens[uid] for uid in uids]
     return Generations(
-        texts=list(response.texts),
-        token_ids=[list(t) for t in response.token_ids],
-        prompt_tokens=stats.prompt_tokens,
-        generation_tokens=stats.generation_tokens,
-        generation_tps=stats.generation_tps,
-        peak_memory_gb=stats.peak_memory,
+        texts=[tokenizer.decode(t) for t in ids],
+        token_ids=ids,
+        prompt_tokens=sum(len(p) for p in prompts),
+        generation_tokens=sum(len(t) for t in ids),
+        seconds=seconds,
+        peak_memory_gb=mx.get_peak_memory() / 1e9,
     )

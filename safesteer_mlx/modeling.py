@@ -450,6 +450,14 @@ def lm_head(model: nn.Module, hidden: mx.array) -> mx.array:
     return logits
 
 
+def vocab_size(model: nn.Module) -> int:
+    """Rows of the output projection (may exceed the tokenizer's vocabulary: padded tables)."""
+    owner = getattr(model, "language_model", model)
+    head = getattr(owner, "lm_head", None)
+    table = head if head is not None else _inner(model).embed_tokens
+    return int(table.weight.shape[0])
+
+
 def pad_right(sequences: list[list[int]], pad_id: int = 0) -> tuple[mx.array, mx.array]:
     """Right-pad token lists into [B, T] with their lengths."""
     width = max(len(s) for s in sequences)

@@ -22,6 +22,16 @@ from safesteer_mlx.errors import SafeSteerError
 STAGES = ("direction", "mining", "distill", "eval", "export")
 
 
+def _umask_mode() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
+# mkstemp creates 0600 files; artifacts get the mode a plain open() would give them.
+_FILE_MODE = _umask_mode()
+
+
 def atomic_write_bytes(path: Path, data: bytes) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
@@ -30,6 +40,7 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
+        os.chmod(tmp, _FILE_MODE)
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
@@ -54,6 +65,7 @@ def atomic_path(path: Path) -> Iterator[Path]:
     os.close(fd)
     try:
         yield Path(tmp)
+        os.chmod(tmp, _FILE_MODE)
         os.replace(tmp, path)
     finally:
         with contextlib.suppress(FileNotFoundError):
@@ -140,11 +152,16 @@ class RunDir:
         if not self.manifest_path.exists():
             return {"stages": {}}
         try:
-            return json.loads(self.manifest_path.read_text())
-        except json.JSONDecodeError as e:
-            raise SafeSteerError(
-                f"{self.manifest_path} is corrupt ({e}); delete it to rerun every stage"
-            ) from None
+            data = json.loads(self.manifest_path.read_text(encoding="utf-8"))
+        except ValueError as e:  # JSONDecodeError, UnicodeDecodeError
+            problem = str(e)
+        else:
+            if isinstance(data, dict) and isinstance(data.get("stages"), dict):
+                return data
+            problem = "no 'stages' object"
+        raise SafeSteerError(
+            f"{self.manifest_path} is corrupt ({problem}); delete it to rerun every stage"
+        )
 
     def stage(self, name: str) -> dict:
         return self.manifest()["stages"].get(name, {})

@@ -16,7 +16,11 @@ from safesteer_mlx.errors import SafeSteerError
 from safesteer_mlx.progress import Event
 
 # --quick: sizes for a smoke run of a few minutes on a laptop CPU.
-QUICK = {"direction": {"n_train": 32, "n_val": 8, "positions": "last", "check_tokens": 16}}
+QUICK = {
+    "direction": {"n_train": 32, "n_val": 8, "positions": "last", "check_tokens": 16},
+    "mining": {"generations": 4},
+    "distill": {"num_prompts": 8, "generations": 2, "max_tokens": 48, "batch_size": 2},
+}
 
 
 class StderrRenderer:
@@ -93,6 +97,42 @@ def _add_direction(p: argparse.ArgumentParser) -> None:
     g.add_argument("--batch-size", type=int)
 
 
+def _add_mining(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("mining (stage 2)")
+    g.add_argument("--horizon", type=int, help="H: tokens scored per induced refusal (7)")
+    g.add_argument("--top-k", type=int, help="tokens each position votes for (200)")
+    g.add_argument("--num-tokens", type=int, help="|S|, the safety tokens kept (50)")
+    g.add_argument("--ranking", choices=["votes", "mean"])
+    g.add_argument("--min-teacher-prob", type=float)
+
+
+def _add_distill(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("distillation (stage 3)")
+    g.add_argument("--num-prompts", type=int, help="harmful prompts distilled on (100)")
+    g.add_argument("--generations", type=int, help="M: samples per prompt, mining and rollouts")
+    g.add_argument("--max-tokens", type=int, help="rollout completion length (512)")
+    g.add_argument("--lr", type=float, help="learning rate (default: measured for LoRA)")
+    g.add_argument("--lora-rank", type=int)
+    g.add_argument("--lora-scale", type=float)
+    g.add_argument("--epochs", type=int)
+    g.add_argument("--train-batch-size", type=int, help="prompts per optimizer step (4)")
+    g.add_argument("--micro-batch-size", type=int, help="sequences per forward/backward")
+    g.add_argument("--fine-tune-type", choices=["lora", "dora", "full"])
+    g.add_argument("--loss", choices=["restricted", "renormalized", "full_vocab"])
+    g.add_argument("--grad-checkpoint", action="store_true", default=None)
+    g.add_argument("--save-every", type=int, help="checkpoint every N steps")
+    g.add_argument("--resume", action="store_true", help="continue from the last checkpoint")
+
+
+def _add_stage(sub, name: str, help_text: str) -> argparse.ArgumentParser:
+    p = sub.add_parser(name, help=help_text)
+    _add_common(p)
+    _add_direction(p)
+    _add_mining(p)
+    _add_distill(p)
+    return p
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="safesteer-mlx",
@@ -101,13 +141,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("align", help="run every stage over one run directory")
-    _add_common(p)
-    _add_direction(p)
-
-    p = sub.add_parser("direction", help="stage 1: find the refusal direction (the teacher)")
-    _add_common(p)
-    _add_direction(p)
+    _add_stage(sub, "align", "run every stage over one run directory")
+    _add_stage(sub, "direction", "stage 1: find the refusal direction (the teacher)")
+    _add_stage(sub, "mine", "stage 2: mine the safety tokens")
+    _add_stage(sub, "distill", "stage 3: distil the teacher into LoRA adapters, on-policy")
 
     p = sub.add_parser("generate", help="complete prompts, optionally steered or with adapters")
     p.add_argument("--model", required=True)
@@ -149,6 +186,30 @@ def _overrides(args: argparse.Namespace) -> dict:
             "position": get("position"),
             "filter_train": False if get("no_filter") else None,
             "batch_size": get("batch_size"),
+        },
+        "mining": {
+            "horizon": get("horizon"),
+            "top_k": get("top_k"),
+            "num_tokens": get("num_tokens"),
+            "ranking": get("ranking"),
+            "min_teacher_prob": get("min_teacher_prob"),
+            "generations": get("generations"),
+            "batch_size": get("batch_size"),
+        },
+        "distill": {
+            "num_prompts": get("num_prompts"),
+            "generations": get("generations"),
+            "max_tokens": get("max_tokens"),
+            "lr": get("lr"),
+            "lora_rank": get("lora_rank"),
+            "lora_scale": get("lora_scale"),
+            "epochs": get("epochs"),
+            "batch_size": get("train_batch_size"),
+            "micro_batch_size": get("micro_batch_size"),
+            "fine_tune_type": get("fine_tune_type"),
+            "loss": get("loss"),
+            "grad_checkpoint": get("grad_checkpoint"),
+            "save_every": get("save_every"),
         },
     }
 
@@ -211,31 +272,58 @@ def _load(config):
     )
 
 
-def cmd_direction(args: argparse.Namespace) -> dict:
-    from safesteer_mlx.direction import run_direction
-
-    config, run_dir = resolve_config(args)
-    render = StderrRenderer(args.quiet)
-    render(Event("direction", "log", f"loading {config.model.name}"))
-    loaded = _load(config)
-    run = _prepare_run(config, run_dir, args.force, loaded)
-    result = run_direction(config, run, loaded=loaded, progress=render, force=args.force)
-    summary = {
-        "run_dir": str(run.path),
-        "layer": result["layer"],
-        "position": result["position"],
-        "coefficient": result["coefficient"],
-        "norm": result["norm"],
-        **result["premise"],
-        "stage": run.stage("direction"),
-    }
-    summary.pop("teacher_examples", None)
+def _direction_summary(result: dict) -> dict:
+    summary = {k: result[k] for k in ("layer", "position", "coefficient", "norm")}
+    summary.update({k: v for k, v in result["premise"].items() if k != "teacher_examples"})
     return summary
 
 
+def _mining_summary(result: dict) -> dict:
+    return {
+        "num_tokens": len(result["tokens"]),
+        "tokens": [t["token"] for t in result["tokens"]],
+    }
+
+
+def run_stages(args: argparse.Namespace, stages: tuple[str, ...]) -> dict:
+    """Load the model once, then run the given stages in order over one run directory."""
+    from safesteer_mlx.direction import run_direction
+    from safesteer_mlx.distill import run_distill
+    from safesteer_mlx.mining import run_mining
+
+    config, run_dir = resolve_config(args)
+    render = StderrRenderer(args.quiet)
+    render(Event(stages[0], "log", f"loading {config.model.name}"))
+    loaded = _load(config)
+    run = _prepare_run(config, run_dir, args.force, loaded)
+    summary: dict = {"run_dir": str(run.path)}
+    common = {"loaded": loaded, "progress": render, "force": args.force}
+    for stage in stages:
+        if stage == "direction":
+            summary["direction"] = _direction_summary(run_direction(config, run, **common))
+        elif stage == "mining":
+            summary["mining"] = _mining_summary(run_mining(config, run, **common))
+        elif stage == "distill":
+            resume = bool(getattr(args, "resume", False))
+            summary["distill"] = run_distill(config, run, resume=resume, **common)
+    summary["stages"] = run.manifest()["stages"]
+    return summary
+
+
+def cmd_direction(args: argparse.Namespace) -> dict:
+    return run_stages(args, ("direction",))
+
+
+def cmd_mine(args: argparse.Namespace) -> dict:
+    return run_stages(args, ("mining",))
+
+
+def cmd_distill(args: argparse.Namespace) -> dict:
+    return run_stages(args, ("distill",))
+
+
 def cmd_align(args: argparse.Namespace) -> dict:
-    # The stages that exist so far run in order over one run directory.
-    return {"direction": cmd_direction(args)}
+    return run_stages(args, ("direction", "mining", "distill"))
 
 
 def _parse_steer(spec: str) -> tuple[Path, float | None]:
@@ -315,6 +403,8 @@ def main(argv: list[str] | None = None) -> int:
     commands = {
         "align": cmd_align,
         "direction": cmd_direction,
+        "mine": cmd_mine,
+        "distill": cmd_distill,
         "generate": cmd_generate,
         "models": cmd_models,
     }
@@ -324,7 +414,7 @@ def main(argv: list[str] | None = None) -> int:
         sys.stderr.write(f"safesteer-mlx: error: {e}\n")
         return 2
     except KeyboardInterrupt:
-        sys.stderr.write("safesteer-mlx: interrupted; rerun the same command to resume\n")
+        sys.stderr.write("safesteer-mlx: interrupted; rerun the same command to continue (distill: add --resume)\n")
         return 130
     if args.json:
         print(json.dumps(result, indent=2, ensure_ascii=False))

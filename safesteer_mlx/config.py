@@ -69,12 +69,40 @@ class MiningConfig:
 
 
 @dataclass
+class DistillConfig:
+    num_prompts: int = 100  # harmful prompts distilled on (from the direction's train split)
+    generations: int = 8  # M: on-policy rollouts per prompt
+    max_tokens: int = 512  # rollout completion length
+    temperature: float = 1.0
+    top_p: float = 1.0
+    epochs: int = 1
+    batch_size: int = 4  # prompts per optimizer step (x generations sequences)
+    micro_batch_size: int = 8  # sequences per forward/backward; gradients are accumulated
+    rollout_batch_size: int = 32  # sequences generated concurrently
+    lr: float | None = None  # None: the preset's measured rate, else DEFAULT_LORA_LR
+    warmup_ratio: float = 0.1
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0
+    fine_tune_type: str = "lora"  # lora | dora | full (QLoRA automatically on quantized bases)
+    lora_rank: int = 8
+    lora_scale: float = 20.0  # mlx-lm's LoRA scale (alpha / rank)
+    lora_dropout: float = 0.0
+    lora_keys: list | None = None  # None: every linear map of each block
+    num_layers: int | None = None  # adapted blocks, counted from the top (None: all)
+    loss: str = "restricted"  # restricted | renormalized | full_vocab
+    chunk: int = 128  # positions projected to the vocabulary at once
+    grad_checkpoint: bool = False
+    save_every: int = 10  # checkpoint every N steps (0: only at the end)
+
+
+@dataclass
 class Config:
     seed: int = 0
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     direction: DirectionConfig = field(default_factory=DirectionConfig)
     mining: MiningConfig = field(default_factory=MiningConfig)
+    distill: DistillConfig = field(default_factory=DistillConfig)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -106,6 +134,12 @@ def _coerce(value: Any, typ: Any, where: str) -> Any:
             return bool(value)
         if text.startswith("str"):
             return str(value)
+        if text.startswith("list"):
+            if isinstance(value, str):
+                return [v.strip() for v in value.split(",") if v.strip()]
+            if not isinstance(value, (list, tuple)):
+                raise ValueError
+            return [str(v) for v in value]
         return value
     except (TypeError, ValueError):
         raise SafeSteerError(f"{where} = {value!r} is not a valid {text}") from None
@@ -119,7 +153,8 @@ def apply_overrides(config: Config, overrides: dict[str, dict[str, Any]]) -> Con
             continue
         if not dataclasses.is_dataclass(getattr(config, section, None)):
             raise SafeSteerError(
-                f"unknown config section [{section}] (known: model, data, direction, mining, seed)"
+                f"unknown config section [{section}] "
+                "(known: model, data, direction, mining, distill, seed)"
             )
         if not isinstance(values, dict):
             raise SafeSteerError(f"config section [{section}] must be a table, got {values!r}")

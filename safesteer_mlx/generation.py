@@ -33,10 +33,12 @@ def generate_batch(
     seed: int | None = None,
     batch_size: int = 32,
     stop_at_eos: bool = True,
+    keep_stop_token: bool = False,
 ) -> Generations:
     """Complete every prompt (token ids), all in flight together in batches of `batch_size`;
     greedy when temperature is 0. With `stop_at_eos` a completion ends at the tokenizer's
-    end-of-turn tokens (which are not returned); without it every completion has `max_tokens`
+    end-of-turn tokens (returned only with `keep_stop_token`, the texts never include them);
+    without it every completion has `max_tokens`
     tokens. Results come back in prompt order."""
     from mlx_lm.generate import BatchGenerator
     from mlx_lm.sample_utils import make_sampler
@@ -57,14 +59,15 @@ def generate_batch(
         tokens: dict[int, list[int]] = {uid: [] for uid in uids}
         while responses := gen.next_generated():
             for r in responses:
-                if r.finish_reason != "stop":
+                if r.finish_reason != "stop" or keep_stop_token:
                     tokens[r.uid].append(r.token)
     finally:
         gen.close()
     seconds = time.perf_counter() - t0
     ids = [tokens[uid] for uid in uids]
+    stops_set = set(tokenizer.eos_token_ids) if keep_stop_token else set()
     return Generations(
-        texts=[tokenizer.decode(t) for t in ids],
+        texts=[tokenizer.decode([t for t in i if t not in stops_set]) for i in ids],
         token_ids=ids,
         prompt_tokens=sum(len(p) for p in prompts),
         generation_tokens=sum(len(t) for t in ids),

@@ -16,8 +16,7 @@ from pathlib import Path
 import mlx.core as mx
 import numpy as np
 import pytest
-from mlx.utils import tree_flatten
-from tiny import tiny_config, tiny_model
+from tiny import save_model_dir, tiny_model
 
 from safesteer_mlx import cli
 from safesteer_mlx.cli import build_parser, main, resolve_config
@@ -43,17 +42,6 @@ class _Tripwire:
         return (Path.touch, (self.marker,))
 
 
-def _save_model_dir(loaded, path: Path) -> Path:
-    path.mkdir(parents=True, exist_ok=True)
-    config = {**tiny_config(len(loaded.tokenizer.get_vocab())), "model_type": "llama"}
-    (path / "config.json").write_text(json.dumps(config))
-    mx.save_safetensors(
-        str(path / "model.safetensors"), dict(tree_flatten(loaded.model.parameters()))
-    )
-    loaded.tokenizer._tokenizer.save_pretrained(str(path))
-    return path
-
-
 @pytest.fixture(scope="module")
 def tiny():
     return tiny_model()
@@ -62,7 +50,7 @@ def tiny():
 @pytest.fixture(scope="module")
 def model_dir(tiny, tmp_path_factory) -> Path:
     """The tiny model as a Hugging Face/MLX model directory on disk."""
-    return _save_model_dir(tiny, tmp_path_factory.mktemp("tiny-model"))
+    return save_model_dir(tiny, tmp_path_factory.mktemp("tiny-model"))
 
 
 @pytest.fixture(scope="module")
@@ -398,14 +386,14 @@ def _stage(run: Path) -> dict:
 
 
 def test_direction_summary(direction_run):
-    summary = direction_run["summary"]
     meta = json.loads((direction_run["run"] / "direction.json").read_text())
-    assert summary["run_dir"] == str(direction_run["run"])
+    assert direction_run["summary"]["run_dir"] == str(direction_run["run"])
+    assert direction_run["summary"]["stages"]["direction"]["status"] == "done"
+    summary = direction_run["summary"]["direction"]
     assert summary["layer"] == meta["layer"] and 0 <= summary["layer"] < int(4 * 0.8)
     assert summary["position"] == -1  # --positions last
     assert summary["coefficient"] == 1.0
     assert summary["norm"] > 0
-    assert summary["stage"]["status"] == "done"
 
 
 def test_direction_artifacts(direction_run):
@@ -465,7 +453,7 @@ def test_direction_rerun_skips_and_force_redoes(direction_run, capsys, monkeypat
     assert code == 0, err
     assert _stage(run) == before
     assert os.stat(run / "direction.json").st_ino == inode
-    assert json.loads(out)["layer"] == direction_run["summary"]["layer"]
+    assert json.loads(out)["direction"]["layer"] == direction_run["summary"]["direction"]["layer"]
 
     # Only the run directory: model, data and options come from its config.toml.
     code, out, err = _run(capsys, ["direction", "--run-dir", run, "--json", "--quiet"])

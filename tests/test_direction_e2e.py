@@ -89,7 +89,7 @@ def test_rerun_skips_and_premise_is_reported(run_dir, capsys):
     argv = ["direction", "--run-dir", str(run_dir), "--json", "--quiet"]
     capsys.readouterr()
     assert main(argv) == 0  # model, data and options come from the run's config.toml
-    summary = json.loads(capsys.readouterr().out)
+    summary = json.loads(capsys.readouterr().out)["direction"]
     after = json.loads((run_dir / "manifest.json").read_text())["stages"]["direction"]
     assert after["finished"] == before["finished"]  # skipped: inputs unchanged
     assert 0 <= summary["base_harmful_refusal_rate"] <= 1

@@ -47,6 +47,32 @@ def tiny_config(vocab_size: int, layers: int = 4, hidden: int = 32) -> dict:
     }
 
 
+def save_model_dir(loaded: LoadedModel, path):
+    """Write a tiny model as a Hugging Face/MLX model directory (config.json, safetensors,
+    tokenizer files) that `load_model` and `mlx_lm.load` read."""
+    import json
+    from pathlib import Path
+
+    from mlx.utils import tree_flatten
+
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    config = {**tiny_config(len(loaded.tokenizer.get_vocab())), "model_type": "llama"}
+    config.update(
+        {
+            k: loaded.config[k]
+            for k in ("num_hidden_layers", "hidden_size", "intermediate_size")
+            if k in loaded.config
+        }
+    )
+    (path / "config.json").write_text(json.dumps(config))
+    mx.save_safetensors(
+        str(path / "model.safetensors"), dict(tree_flatten(loaded.model.parameters()))
+    )
+    loaded.tokenizer._tokenizer.save_pretrained(str(path))
+    return path
+
+
 def tiny_model(seed: int = 0, layers: int = 4, hidden: int = 32) -> LoadedModel:
     """A float32 random model with the tiny tokenizer, as `load_model` would return it."""
     from pathlib import Path

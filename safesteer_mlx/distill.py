@@ -94,6 +94,8 @@ def chunked_loss(
         m = m.astype(mx.float32)
         return (per_pos * m).sum(axis=-1), mx.stop_gradient((report * m).sum(axis=-1))
 
+    # mx.checkpoint differentiates only its arguments: the lm_head weights read inside get no
+    # gradient, which is right only because the lm_head is never trained (adapters.attach).
     piece = mx.checkpoint(piece)
     T = student_hidden.shape[1]
     sums = mx.zeros(student_hidden.shape[0])

@@ -215,6 +215,7 @@ def run_mining(
             adapter_path=config.model.adapter_path,
             revision=config.model.revision,
         )
+    seqs = encode_prompts(loaded, harmless, config.data.system_prompt)
     inputs = input_hash(
         "mining-v1",
         config.section("mining"),
@@ -222,7 +223,7 @@ def run_mining(
         loaded.identity,
         loaded.adapter_path,
         file_hash(run.direction_tensors),
-        [p.instruction for p in harmless],
+        seqs,  # the chat-formatted prompts: system prompt and template included
     )
     if not force and run.is_current("mining", inputs, [run.safety_tokens]):
         rep.log("safety tokens are up to date; skipping (use --force to redo)")
@@ -230,7 +231,6 @@ def run_mining(
 
     rep.start(f"mining safety tokens on {len(harmless)} harmless prompts")
     with run.stage_run("mining", inputs) as stage_stats:
-        seqs = encode_prompts(loaded, harmless, config.data.system_prompt)
         repeated = [s for s in seqs for _ in range(m.generations)]
         t0 = time.perf_counter()
         rep.log(f"teacher samples {m.generations} x {m.horizon - 1} tokens per prompt")

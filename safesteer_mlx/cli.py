@@ -414,7 +414,10 @@ def main(argv: list[str] | None = None) -> int:
         sys.stderr.write(f"safesteer-mlx: error: {e}\n")
         return 2
     except KeyboardInterrupt:
-        sys.stderr.write("safesteer-mlx: interrupted; rerun the same command to continue (distill: add --resume)\n")
+        sys.stderr.write(
+            "safesteer-mlx: interrupted; rerun the same command to continue "
+            "(distill: add --resume)\n"
+        )
         return 130
     if args.json:
         print(json.dumps(result, indent=2, ensure_ascii=False))

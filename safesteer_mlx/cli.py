@@ -118,7 +118,7 @@ def _add_distill(p: argparse.ArgumentParser) -> None:
     g.add_argument("--train-batch-size", type=int, help="prompts per optimizer step (4)")
     g.add_argument("--micro-batch-size", type=int, help="sequences per forward/backward")
     g.add_argument("--fine-tune-type", choices=["lora", "dora", "full"])
-    g.add_argument("--loss", choices=["restricted", "renormalized", "full_vocab"])
+    g.add_argument("--loss", choices=["restricted", "generalized", "renormalized", "full_vocab"])
     g.add_argument("--grad-checkpoint", action="store_true", default=None)
     g.add_argument("--save-every", type=int, help="checkpoint every N steps")
     g.add_argument("--resume", action="store_true", help="continue from the last checkpoint")

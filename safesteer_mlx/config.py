@@ -89,7 +89,7 @@ class DistillConfig:
     lora_dropout: float = 0.0
     lora_keys: list | None = None  # None: every linear map of each block
     num_layers: int | None = None  # adapted blocks, counted from the top (None: all)
-    loss: str = "restricted"  # restricted | renormalized | full_vocab
+    loss: str = "restricted"  # restricted (the paper) | generalized | renormalized | full_vocab
     chunk: int = 128  # positions projected to the vocabulary at once
     grad_checkpoint: bool = False
     save_every: int = 10  # checkpoint every N steps (0: only at the end)

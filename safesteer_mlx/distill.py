@@ -28,7 +28,7 @@ from mlx.utils import tree_map
 from safesteer_mlx.errors import SafeSteerError
 from safesteer_mlx.progress import Callback, Reporter
 
-LOSS_VARIANTS = ("restricted", "renormalized", "full_vocab")
+LOSS_VARIANTS = ("restricted", "generalized", "renormalized", "full_vocab")
 
 
 def restricted_reverse_kl(
@@ -40,7 +40,11 @@ def restricted_reverse_kl(
     """Per-position loss [..., ] from logits [..., V].
 
     restricted:   Σ_{v∈S} π_s(v) (log π_s(v) − log π_t(v)), log-softmax over the full
-                  vocabulary, no renormalisation (can be negative);
+                  vocabulary, no renormalisation (can be negative; per token it is lowest at
+                  π_s = π_t / e, so it also pulls S tokens the student shares with the teacher
+                  down);
+    generalized:  Σ_{v∈S} π_s(v) (log π_s(v) − log π_t(v)) − π_s(v) + π_t(v), the generalized
+                  (unnormalised) KL on S: ≥ 0, and zero exactly where π_s = π_t on S;
     renormalized: KL(q_s ‖ q_t) with q = softmax of the logits restricted to S;
     full_vocab:   KL(π_s ‖ π_t) over the whole vocabulary (the paper's ablation).
     """
@@ -51,12 +55,16 @@ def restricted_reverse_kl(
         t = t[..., safety_ids]
     logp_s = s - mx.logsumexp(s, axis=-1, keepdims=True)
     logp_t = t - mx.logsumexp(t, axis=-1, keepdims=True)
-    if variant == "restricted":
+    if variant in ("restricted", "generalized"):
         logp_s = logp_s[..., safety_ids]
         logp_t = logp_t[..., safety_ids]
     elif variant not in ("renormalized", "full_vocab"):
         raise SafeSteerError(f"loss variant {variant!r} (use one of {', '.join(LOSS_VARIANTS)})")
-    return (mx.exp(logp_s) * (logp_s - logp_t)).sum(axis=-1)
+    p_s = mx.exp(logp_s)
+    per_token = p_s * (logp_s - logp_t)
+    if variant == "generalized":
+        per_token = per_token - p_s + mx.exp(logp_t)
+    return per_token.sum(axis=-1)
 
 
 def masked_sequence_mean(per_position: mx.array, mask: mx.array) -> mx.array:
@@ -488,24 +496,27 @@ def read_metrics(run) -> list[dict]:
 
 
 def restricted_kl_on(
-    trainer: Trainer, prompts: list[list[int]], responses: list[list[int]]
+    model: nn.Module,
+    teacher,
+    safety_ids: list[int],
+    prompts: list[list[int]],
+    responses: list[list[int]],
+    batch_size: int = 8,
+    chunk: int = 128,
 ) -> float:
-    """Mean restricted reverse KL of the current student to the teacher on given responses
-    (e.g. held-out prompts' completions): the quantity distillation lowers."""
+    """Mean restricted reverse KL of the model as it stands (the student) to `teacher()` — a
+    context manager that turns the same model into the teacher — on given responses, e.g.
+    held-out prompts' completions: the quantity distillation lowers."""
     from safesteer_mlx.modeling import forward_hidden
 
-    model, d = trainer.model, trainer.d
-    total, weight = 0.0, 0
-    for i in range(0, len(prompts), d.micro_batch_size):
-        j = i + d.micro_batch_size
-        batch = build_batch(prompts[i:j], responses[i:j])
-        with trainer.teacher():
+    ids = mx.array(safety_ids, dtype=mx.int32)
+    total = 0.0
+    for i in range(0, len(prompts), batch_size):
+        batch = build_batch(prompts[i : i + batch_size], responses[i : i + batch_size])
+        with teacher():
             teacher_hidden = forward_hidden(model, batch.tokens)
         mx.eval(teacher_hidden)
         hidden = forward_hidden(model, batch.tokens)
-        _, kl = chunked_loss(
-            model, hidden, teacher_hidden, batch.mask, trainer.safety_ids, "restricted", d.chunk
-        )
-        total += float(kl) * len(prompts[i:j])
-        weight += len(prompts[i:j])
-    return total / max(weight, 1)
+        _, kl = chunked_loss(model, hidden, teacher_hidden, batch.mask, ids, "restricted", chunk)
+        total += float(kl) * batch.tokens.shape[0]
+    return total / max(len(prompts), 1)

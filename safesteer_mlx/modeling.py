@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import json
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -477,7 +476,3 @@ def model_summary(loaded: LoadedModel) -> dict:
         "hidden_size": loaded.hidden_size,
         "adapter_path": loaded.adapter_path,
     }
-
-
-def dump_json(obj: Any) -> str:
-    return json.dumps(obj, indent=2, sort_keys=False)

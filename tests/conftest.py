@@ -45,3 +45,26 @@ def fixture_model():
     from safesteer_mlx.modeling import load_model
 
     return load_model("smollm2-135m", dtype="float32", adapter_path=str(FIXTURE_ADAPTER))
+
+
+FIXTURE_DIRECTION_ARGS = [
+    "--model", "smollm2-135m",
+    "--adapter-path", str(FIXTURE_ADAPTER),
+    "--harmful", str(DATA / "harmful_train.json"),
+    "--harmless", str(DATA / "harmless_train.json"),
+    "--n-train", "64", "--n-val", "16", "--positions", "last",
+    "--coef", "auto", "--batch-size", "32", "--quiet",
+]  # fmt: skip
+
+
+@pytest.fixture(scope="session")
+def fixture_direction_run(tmp_path_factory):
+    """Stage 1 on the fixture model with the shared prompt sets, through the CLI, once per
+    session (slow: a few minutes on a 2-core CPU); later stages copy this run directory."""
+    require_shared()
+    require_smollm2()
+    from safesteer_mlx.cli import main
+
+    run = tmp_path_factory.mktemp("fixture-run")
+    assert main(["direction", "--run-dir", str(run), *FIXTURE_DIRECTION_ARGS]) == 0
+    return run

@@ -7,7 +7,7 @@ from __future__ import annotations
 import json
 
 import pytest
-from conftest import DATA, FIXTURE_ADAPTER, require_shared, require_smollm2
+from conftest import DATA, FIXTURE_ADAPTER
 
 from safesteer_mlx.cli import main
 from safesteer_mlx.judges import refusal_rate
@@ -16,22 +16,8 @@ pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
-def run_dir(tmp_path_factory):
-    require_shared()
-    require_smollm2()
-    run = tmp_path_factory.mktemp("fixture-run")
-    argv = [
-        "direction",
-        "--model", "smollm2-135m",
-        "--adapter-path", str(FIXTURE_ADAPTER),
-        "--run-dir", str(run),
-        "--harmful", str(DATA / "harmful_train.json"),
-        "--harmless", str(DATA / "harmless_train.json"),
-        "--n-train", "64", "--n-val", "16", "--positions", "last",
-        "--coef", "auto", "--batch-size", "32", "--quiet",
-    ]  # fmt: skip
-    assert main(argv) == 0
-    return run
+def run_dir(fixture_direction_run):
+    return fixture_direction_run
 
 
 def _generate(capsys, run, prompts_file, steer: bool, n: int = 48) -> list[str]:

@@ -41,8 +41,10 @@ def _log_softmax(x: np.ndarray) -> np.ndarray:
 def ref_kl(student: np.ndarray, teacher: np.ndarray, ids: np.ndarray, variant: str) -> np.ndarray:
     """Per-position loss [...] in float64, written out from the definitions."""
     s, t = student.astype(np.float64), teacher.astype(np.float64)
-    if variant == "restricted":  # full-vocabulary log-softmax, summed over S only
+    if variant in ("restricted", "generalized"):  # full-vocabulary log-softmax, S only
         ls, lt = _log_softmax(s)[..., ids], _log_softmax(t)[..., ids]
+        if variant == "generalized":  # + Σ_S (p_t - p_s): the unnormalised KL
+            return (np.exp(ls) * (ls - lt) - np.exp(ls) + np.exp(lt)).sum(axis=-1)
     elif variant == "renormalized":  # softmax over S only
         ls, lt = _log_softmax(s[..., ids]), _log_softmax(t[..., ids])
     elif variant == "full_vocab":
@@ -94,7 +96,7 @@ def test_restricted_can_be_negative_full_and_renormalized_cannot():
     assert restricted < -0.01
     assert restricted == pytest.approx(float(ref_kl(s, t, ids, "restricted")[0, 0]), rel=1e-5)
     # the two true KLs are never negative, on these and on random logits
-    for variant in ("renormalized", "full_vocab"):
+    for variant in ("generalized", "renormalized", "full_vocab"):
         for a, b in [(s, t), (_logits(4), _logits(5)), (_logits(6, scale=8), _logits(7))]:
             got = np.array(restricted_reverse_kl(mx.array(a), mx.array(b), mx.array(ids), variant))
             assert (got >= -1e-6).all()
@@ -360,3 +362,19 @@ def test_adapters_disabled_is_the_base_model(lora_model):
     trainable = dict(tree_flatten(model.trainable_parameters()))
     assert len(trainable) == 4 * 7 * 2  # 4 blocks x 7 linear maps x (lora_a, lora_b)
     assert all(k.rsplit(".", 1)[-1] in ("lora_a", "lora_b") for k in trainable)
+
+
+def test_restricted_optimum_is_teacher_over_e_generalized_is_teacher():
+    """Per safety token, p (log p - log q) is lowest at p = q / e, while the generalized KL
+    p (log p - log q) - p + q is lowest (zero) at p = q: why the restricted sum also pushes down
+    S tokens a student already shares with the teacher."""
+    q = 0.6
+    z = np.linspace(-6, 6, 4801).astype(np.float32)  # student logit of token 0; token 1 at 0
+    student = np.stack([z, np.zeros_like(z)], axis=-1)[:, None, :]
+    teacher = np.broadcast_to(np.array([np.log(q / (1 - q)), 0.0], np.float32), student.shape)
+    ids = mx.array([0])
+    p = 1 / (1 + np.exp(-z))
+    for variant, want_p, want_min in (("restricted", q / np.e, -q / np.e), ("generalized", q, 0)):
+        loss = np.array(restricted_reverse_kl(mx.array(student), mx.array(teacher), ids, variant))
+        assert p[loss[:, 0].argmin()] == pytest.approx(want_p, abs=2e-3)
+        assert loss.min() == pytest.approx(want_min, abs=1e-5)

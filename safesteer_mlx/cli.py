@@ -261,17 +261,6 @@ def _prepare_run(config, run_dir: Path, force: bool, loaded):
     return run
 
 
-def _load(config):
-    from safesteer_mlx.modeling import load_model
-
-    return load_model(
-        config.model.name,
-        dtype=config.model.dtype,
-        adapter_path=config.model.adapter_path,
-        revision=config.model.revision,
-    )
-
-
 def _direction_summary(result: dict) -> dict:
     summary = {k: result[k] for k in ("layer", "position", "coefficient", "norm")}
     summary.update({k: v for k, v in result["premise"].items() if k != "teacher_examples"})
@@ -290,11 +279,12 @@ def run_stages(args: argparse.Namespace, stages: tuple[str, ...]) -> dict:
     from safesteer_mlx.direction import run_direction
     from safesteer_mlx.distill import run_distill
     from safesteer_mlx.mining import run_mining
+    from safesteer_mlx.modeling import load_configured
 
     config, run_dir = resolve_config(args)
     render = StderrRenderer(args.quiet)
     render(Event(stages[0], "log", f"loading {config.model.name}"))
-    loaded = _load(config)
+    loaded = load_configured(config.model)
     run = _prepare_run(config, run_dir, args.force, loaded)
     summary: dict = {"run_dir": str(run.path)}
     common = {"loaded": loaded, "progress": render, "force": args.force}

@@ -324,7 +324,7 @@ def run_direction(
     (and a PNG of the scores), or return the existing result when its inputs are unchanged."""
     import json
 
-    from safesteer_mlx.modeling import load_model
+    from safesteer_mlx.modeling import load_configured
     from safesteer_mlx.run import atomic_path, atomic_write_json, input_hash
 
     rep = Reporter("direction", progress)
@@ -340,12 +340,7 @@ def run_direction(
         raise SafeSteerError(f"direction.positions = {d.positions!r} (use 'all' or 'last')")
     if loaded is None:
         rep.log(f"loading {config.model.name}")
-        loaded = load_model(
-            config.model.name,
-            dtype=config.model.dtype,
-            adapter_path=config.model.adapter_path,
-            revision=config.model.revision,
-        )
+        loaded = load_configured(config.model)
     inputs = input_hash(
         "direction-v1",
         config.section("direction"),

@@ -399,7 +399,7 @@ def run_distill(
     from safesteer_mlx.checkpoints import Checkpoints
     from safesteer_mlx.direction import load_direction
     from safesteer_mlx.mining import safety_token_ids
-    from safesteer_mlx.modeling import load_model
+    from safesteer_mlx.modeling import load_configured
     from safesteer_mlx.run import file_hash, input_hash
 
     rep = Reporter("distill", progress)
@@ -410,12 +410,7 @@ def run_distill(
     safety = safety_token_ids(run)
     if loaded is None:
         rep.log(f"loading {config.model.name}")
-        loaded = load_model(
-            config.model.name,
-            dtype=config.model.dtype,
-            adapter_path=config.model.adapter_path,
-            revision=config.model.revision,
-        )
+        loaded = load_configured(config.model)
     prompts = training_prompts(config, loaded)
     total = steps_per_epoch(len(prompts), d.batch_size) * d.epochs
     inputs = input_hash(

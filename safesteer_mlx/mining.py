@@ -191,7 +191,7 @@ def run_mining(
     when its inputs are unchanged."""
     from safesteer_mlx.direction import encode_prompts, load_direction, load_prompt_sets
     from safesteer_mlx.generation import generate_batch
-    from safesteer_mlx.modeling import load_model
+    from safesteer_mlx.modeling import load_configured
     from safesteer_mlx.run import atomic_write_json, file_hash, input_hash
 
     rep = Reporter("mining", progress)
@@ -209,12 +209,7 @@ def run_mining(
         harmless = harmless[: m.num_prompts]
     if loaded is None:
         rep.log(f"loading {config.model.name}")
-        loaded = load_model(
-            config.model.name,
-            dtype=config.model.dtype,
-            adapter_path=config.model.adapter_path,
-            revision=config.model.revision,
-        )
+        loaded = load_configured(config.model)
     seqs = encode_prompts(loaded, harmless, config.data.system_prompt)
     inputs = input_hash(
         "mining-v1",

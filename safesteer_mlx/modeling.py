@@ -197,6 +197,16 @@ def load_model(
     )
 
 
+def load_configured(model_config) -> LoadedModel:
+    """`load_model` with the [model] section of the config tree."""
+    return load_model(
+        model_config.name,
+        dtype=model_config.dtype,
+        adapter_path=model_config.adapter_path,
+        revision=model_config.revision,
+    )
+
+
 def fuse_adapter(model: nn.Module, adapter_path: str | os.PathLike) -> None:
     """Apply an mlx-lm LoRA/DoRA adapter directory and fuse it into the weights."""
     from mlx.utils import tree_unflatten

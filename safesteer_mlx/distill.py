@@ -161,9 +161,11 @@ def cosine_with_warmup(lr: float, total_steps: int, warmup_ratio: float):
     return optim.join_schedules([optim.linear_schedule(lr / warmup, lr, warmup), decay], [warmup])
 
 
-# LoRA (rank 8, scale 20) on the fixture: 2e-3 collapses the student within 3 steps (it learns
-# to avoid S altogether), 1e-4 moves it within 8 steps, 3e-5 barely (README, "Learning rate").
-DEFAULT_LORA_LR = 1e-4
+# LoRA (rank 8, scale 20) on the fixture: 2e-3 collapses the student within 3 steps (it learns to
+# avoid S altogether); the runs that improved it had lr x steps ~ 2e-4 (1e-4 x 2, 3e-5 x 8), and
+# 1e-4 x 8 undid the refusals. 1e-5 keeps the default 25 steps in that budget (README, "Learning
+# rate and loss").
+DEFAULT_LORA_LR = 1e-5
 
 
 def pick_lr(config, family: str) -> float:

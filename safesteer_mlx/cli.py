@@ -48,7 +48,8 @@ class StderrRenderer:
             frac = e.done / e.total if e.total else 0.0
             bar = "#" * int(frac * width) + "-" * (width - int(frac * width))
             eta = f" eta {e.eta:5.0f}s" if e.eta is not None else ""
-            sys.stderr.write(f"\r[{e.stage}] {e.task:<20} |{bar}| {e.done}/{e.total}{eta}  ")
+            loss = f" loss {e.data['loss']:.4g}" if "loss" in e.data else ""
+            sys.stderr.write(f"\r[{e.stage}] {e.task:<20} |{bar}| {e.done}/{e.total}{eta}{loss}  ")
             self._bar_open = True
             if e.total and e.done >= e.total:
                 self._end_bar()

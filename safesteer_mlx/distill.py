@@ -70,10 +70,13 @@ def restricted_reverse_kl(
 def masked_sequence_mean(per_position: mx.array, mask: mx.array) -> mx.array:
     """Mean over each sequence's masked positions, then over sequences with any."""
     mask = mask.astype(mx.float32)
-    counts = mask.sum(axis=-1)
-    per_seq = (per_position * mask).sum(axis=-1) / mx.maximum(counts, 1.0)
+    return _mean_of_sequence_means((per_position * mask).sum(axis=-1), mask.sum(axis=-1))
+
+
+def _mean_of_sequence_means(sums: mx.array, counts: mx.array) -> mx.array:
+    """Σ_b [n_b > 0] (s_b / n_b) / #{b : n_b > 0}, from per-sequence sums and counts."""
     has = (counts > 0).astype(mx.float32)
-    return (per_seq * has).sum() / mx.maximum(has.sum(), 1.0)
+    return (sums / mx.maximum(counts, 1.0) * has).sum() / mx.maximum(has.sum(), 1.0)
 
 
 def chunked_loss(
@@ -123,10 +126,7 @@ def chunked_loss(
         sums = sums + s
         kl_sums = kl_sums + k
     counts = mask.astype(mx.float32).sum(axis=-1)
-    has = (counts > 0).astype(mx.float32)
-    n = mx.maximum(has.sum(), 1.0)
-    denom = mx.maximum(counts, 1.0)
-    return (sums / denom * has).sum() / n, (kl_sums / denom * has).sum() / n
+    return _mean_of_sequence_means(sums, counts), _mean_of_sequence_means(kl_sums, counts)
 
 
 @dataclass

@@ -19,12 +19,12 @@ from safesteer_mlx.distill import (
     LOSS_VARIANTS,
     build_batch,
     chunked_loss,
-    cosine_with_warmup,
     masked_sequence_mean,
     restricted_reverse_kl,
 )
 from safesteer_mlx.errors import SafeSteerError
 from safesteer_mlx.modeling import forward_hidden, lm_head
+from safesteer_mlx.trainer import cosine_with_warmup
 
 B, T, V = 2, 3, 50
 

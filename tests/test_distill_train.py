@@ -13,9 +13,10 @@ from mlx.utils import tree_flatten, tree_unflatten
 from tiny import tiny_model
 
 from safesteer_mlx.config import Config
-from safesteer_mlx.distill import Trainer, build_batch
+from safesteer_mlx.distill import build_batch
 from safesteer_mlx.errors import SafeSteerError
 from safesteer_mlx.modeling import forward_hidden
+from safesteer_mlx.trainer import Trainer
 
 ROWS = [[1, 40, 41, 42, 2, 201, 1, 67], [1, 50, 51, 2, 201, 1, 67]]
 RESPONSES = [[70, 71, 72, 73, 2], [80, 81, 82]]
@@ -137,11 +138,11 @@ def test_stop_request_checkpoints_first_and_resume_finishes(tiny_run):
 
 
 def test_non_finite_loss_stops_and_keeps_the_last_checkpoint(tiny_run, monkeypatch):
-    from safesteer_mlx import distill
+    from safesteer_mlx import distill, trainer
 
     config, run, loaded = tiny_run
     config.distill.save_every = 1
-    real_step = distill.Trainer.step
+    real_step = trainer.Trainer.step
 
     def step(self, step, prompts):
         metrics, grads = real_step(self, step, prompts)
@@ -149,7 +150,7 @@ def test_non_finite_loss_stops_and_keeps_the_last_checkpoint(tiny_run, monkeypat
             metrics["loss"] = float("nan")
         return metrics, grads
 
-    monkeypatch.setattr(distill.Trainer, "step", step)
+    monkeypatch.setattr(trainer.Trainer, "step", step)
     with pytest.raises(SafeSteerError, match="not finite at step 3"):
         distill.run_distill(config, run, loaded=loaded)
     ckpts = sorted(p.name for p in (run.adapters / "checkpoints").iterdir())

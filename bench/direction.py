@@ -37,8 +37,9 @@ def main() -> None:
     import numpy as np
 
     from safesteer_mlx.config import Config
-    from safesteer_mlx.direction import encode_prompts, refusal_token_ids, run_direction
+    from safesteer_mlx.direction import refusal_token_ids, run_direction
     from safesteer_mlx.modeling import last_logits, load_model, pad_right
+    from safesteer_mlx.prompting import encode_prompts
     from safesteer_mlx.run import RunDir
 
     adapter = str(SHARED / "fixtures" / "smollm2-partial-refusal")

@@ -45,10 +45,10 @@ def main() -> None:
 
     from safesteer_mlx.config import Config
     from safesteer_mlx.data import load_prompts
-    from safesteer_mlx.direction import encode_prompts
     from safesteer_mlx.distill import build_batch, chunked_loss
     from safesteer_mlx.generation import generate_batch
     from safesteer_mlx.modeling import forward_hidden, load_model
+    from safesteer_mlx.prompting import encode_prompts
     from safesteer_mlx.trainer import Trainer
 
     adapter = str(SHARED / "fixtures" / "smollm2-partial-refusal")

@@ -331,9 +331,10 @@ def cmd_generate(args: argparse.Namespace) -> list[dict]:
     import contextlib
 
     from safesteer_mlx.data import Prompt, load_prompts
-    from safesteer_mlx.direction import encode_prompts, load_direction
+    from safesteer_mlx.direction import load_direction
     from safesteer_mlx.generation import generate_batch
     from safesteer_mlx.modeling import load_model, steered
+    from safesteer_mlx.prompting import encode_prompts
 
     steer = None
     if args.steer:

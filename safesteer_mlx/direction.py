@@ -18,7 +18,6 @@ import mlx.core as mx
 import numpy as np
 
 from safesteer_mlx.config import Config
-from safesteer_mlx.data import Prompt, chat_prompt, load_prompts, split_prompts
 from safesteer_mlx.errors import SafeSteerError
 from safesteer_mlx.judges import REFUSAL_STARTS, is_degenerate, is_refusal
 from safesteer_mlx.modeling import (
@@ -30,45 +29,13 @@ from safesteer_mlx.modeling import (
     pad_right,
     steered,
 )
+from safesteer_mlx.plots import plot_direction_scores
 from safesteer_mlx.progress import Callback, Reporter
+from safesteer_mlx.prompting import encode_prompts, load_prompt_sets, post_instruction_tokens
 
 COEF_LADDER = (0.5, 0.75, 1.0, 1.25, 1.5, 2.0, 2.5, 3.0, 4.0)
 AUTO_COEF_TARGET = 0.8  # refuse at least this share of harmless val prompts
 MIN_BASE_HARMFUL_REFUSAL = 0.2  # below: the premise of SafeSteer is weak (paper, limitation 1)
-
-
-@dataclass
-class PromptSets:
-    harmful_train: list[Prompt]
-    harmless_train: list[Prompt]
-    harmful_val: list[Prompt]
-    harmless_val: list[Prompt]
-
-
-def encode_prompts(
-    loaded: LoadedModel, prompts: list[Prompt], system: str | None
-) -> list[list[int]]:
-    """Chat-format each instruction as a user turn followed by the assistant header."""
-    tok = loaded.tokenizer
-    system = system if system is not None else loaded.chat.get("system_prompt")
-    out = []
-    for p in prompts:
-        text = chat_prompt(tok, p.instruction, system)
-        out.append(tok.encode(text, add_special_tokens=False))
-    return out
-
-
-def post_instruction_tokens(loaded: LoadedModel, system: str | None) -> list[int]:
-    """The template tokens between the end of the instruction and the start of the response
-    (e.g. `<|im_end|>\\n<|im_start|>assistant\\n`)."""
-    marker = "Zqx7 marker"
-    system = system if system is not None else loaded.chat.get("system_prompt")
-    text = chat_prompt(loaded.tokenizer, marker, system)
-    suffix = text[text.rindex(marker) + len(marker) :]
-    ids = loaded.tokenizer.encode(suffix, add_special_tokens=False)
-    if not ids:
-        raise SafeSteerError("the chat template adds no tokens after the instruction")
-    return ids
 
 
 def refusal_token_ids(tokenizer) -> list[int]:
@@ -245,71 +212,12 @@ def auto_coefficient(
     return best["coef"], trials
 
 
-def load_prompt_sets(config: Config) -> PromptSets:
-    d = config.direction
-    harmful = load_prompts(config.data.harmful)
-    harmless = load_prompts(config.data.harmless)
-    h_train, h_val = split_prompts(harmful, d.n_train, d.n_val, config.seed)
-    s_train, s_val = split_prompts(harmless, d.n_train, d.n_val, config.seed)
-    if min(len(h_train), len(s_train), len(h_val), len(s_val)) == 0:
-        raise SafeSteerError(
-            f"too few prompts to split into train and val ({len(harmful)} harmful, "
-            f"{len(harmless)} harmless; give at least 2 of each)"
-        )
-    return PromptSets(h_train, s_train, h_val, s_val)
-
-
 def _filter_by_refusal(
     model, seqs: list[list[int]], ref_ids, batch_size: int, keep_positive: bool
 ) -> list[list[int]]:
     scores, _ = refusal_scores(model, seqs, ref_ids, batch_size)
     keep = scores > 0 if keep_positive else scores < 0
     return [s for s, k in zip(seqs, keep) if k]
-
-
-def _plot(path, candidates: list[Candidate], chosen: Candidate) -> bool:
-    """Scores per layer, one line per position; False when matplotlib is not installed."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return False
-    from safesteer_mlx.run import atomic_path
-
-    positions = sorted({c.position for c in candidates})
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
-    for ax, key, title in zip(
-        axes,
-        ("bypass", "induce", "kl"),
-        (
-            "refusal score under ablation (harmful, lower is better)",
-            "refusal score under steering (harmless)",
-            "KL under ablation (harmless)",
-        ),
-    ):
-        for pos in positions:
-            pts = [
-                (c.layer, getattr(c, key))
-                for c in candidates
-                if c.position == pos and getattr(c, key) is not None
-            ]
-            if pts:
-                xs, ys = zip(*sorted(pts))
-                ax.plot(xs, ys, marker=".", label=f"pos {pos}")
-        ax.axvline(chosen.layer, color="k", linestyle=":", linewidth=1)
-        ax.set_title(title, fontsize=9)
-        ax.set_xlabel("layer")
-    axes[0].legend(fontsize=7)
-    fig.suptitle(
-        f"refusal direction candidates (chosen: layer {chosen.layer}, pos {chosen.position})"
-    )
-    fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, dpi=90)
-    plt.close(fig)
-    return True
 
 
 def run_direction(
@@ -488,7 +396,7 @@ def run_direction(
         tensors = {"direction": direction, "mean_diffs": mx.array(mean_diffs)}
         with atomic_path(run.direction_tensors) as tmp:
             mx.save_safetensors(str(tmp), tensors, metadata={"layer": str(chosen.layer)})
-        plotted = _plot(run.direction_plot, candidates, chosen)
+        plotted = plot_direction_scores(run.direction_plot, candidates, chosen)
         result = {
             "layer": chosen.layer,
             "position": chosen.position,

@@ -150,7 +150,7 @@ def build_batch(prompts: list[list[int]], responses: list[list[int]]) -> Batch:
 def training_prompts(config, loaded) -> list[list[int]]:
     """The harmful prompts distilled on: the direction stage's harmful train split (its val
     split stays held out), up to `num_prompts`, chat-formatted."""
-    from safesteer_mlx.direction import encode_prompts, load_prompt_sets
+    from safesteer_mlx.prompting import encode_prompts, load_prompt_sets
 
     harmful = load_prompt_sets(config).harmful_train[: config.distill.num_prompts]
     return encode_prompts(loaded, harmful, config.data.system_prompt)

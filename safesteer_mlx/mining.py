@@ -189,9 +189,10 @@ def run_mining(
 ) -> dict:
     """Stage 2 over a run directory: write `safety_tokens.json`, or return the existing one
     when its inputs are unchanged."""
-    from safesteer_mlx.direction import encode_prompts, load_direction, load_prompt_sets
+    from safesteer_mlx.direction import load_direction
     from safesteer_mlx.generation import generate_batch
     from safesteer_mlx.modeling import load_configured
+    from safesteer_mlx.prompting import encode_prompts, load_prompt_sets
     from safesteer_mlx.run import atomic_write_json, file_hash, input_hash
 
     rep = Reporter("mining", progress)

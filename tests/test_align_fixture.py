@@ -38,11 +38,12 @@ def aligned(fixture_direction_run, tmp_path_factory):
 def _measure(loaded, run: Path, with_adapters: bool) -> dict:
     from safesteer_mlx.adapters import adapters_disabled
     from safesteer_mlx.data import load_prompts
-    from safesteer_mlx.direction import encode_prompts, load_direction
+    from safesteer_mlx.direction import load_direction
     from safesteer_mlx.distill import restricted_kl_on
     from safesteer_mlx.generation import generate_batch
     from safesteer_mlx.mining import safety_token_ids
     from safesteer_mlx.modeling import steered
+    from safesteer_mlx.prompting import encode_prompts
     from safesteer_mlx.run import RunDir
 
     model, tok = loaded.model, loaded.tokenizer

@@ -17,15 +17,14 @@ from tiny import tiny_model  # noqa: E402
 from safesteer_mlx.data import Prompt  # noqa: E402
 from safesteer_mlx.direction import (  # noqa: E402
     Candidate,
-    encode_prompts,
     kl_last,
     mean_activations,
-    post_instruction_tokens,
     refusal_scores,
     refusal_token_ids,
     select_direction,
 )
 from safesteer_mlx.errors import SafeSteerError  # noqa: E402
+from safesteer_mlx.prompting import encode_prompts, post_instruction_tokens  # noqa: E402
 
 LAYERS = 4
 HIDDEN = 32

@@ -15,7 +15,7 @@ from tiny import tiny_model
 
 from safesteer_mlx.config import Config
 from safesteer_mlx.data import Prompt
-from safesteer_mlx.direction import encode_prompts, run_direction
+from safesteer_mlx.direction import run_direction
 from safesteer_mlx.errors import SafeSteerError
 from safesteer_mlx.mining import (
     MiningStats,
@@ -29,6 +29,7 @@ from safesteer_mlx.mining import (
 )
 from safesteer_mlx.modeling import steered, vocab_size
 from safesteer_mlx.progress import Reporter
+from safesteer_mlx.prompting import encode_prompts
 from safesteer_mlx.run import RunDir
 
 H = 5  # horizon: the last H positions of each trajectory (4 response tokens)

@@ -157,3 +157,29 @@ def test_non_finite_loss_stops_and_keeps_the_last_checkpoint(tiny_run, monkeypat
     assert ckpts == ["step-000001", "step-000002"]
     assert run.stage("distill")["status"] == "failed"
     assert len(run.metrics.read_text().splitlines()) == 2  # the bad step is not logged
+
+
+@pytest.mark.parametrize("kind", ["dora", "full"])
+def test_dora_and_full_fine_tuning_keep_a_base_for_the_teacher(kind):
+    """After an update the student differs from the base, while the teacher/base context still
+    computes the original weights bit for bit (DoRA: its layers bypassed; full fine-tuning: the
+    saved copy swapped in)."""
+    loaded = tiny_model(seed=5)
+    tokens = mx.array([ROWS[0] + RESPONSES[0]])
+    base_logits = np.array(loaded.model(tokens))
+    trainer = _trainer(loaded, fine_tune_type=kind)
+    trainable = dict(tree_flatten(loaded.model.trainable_parameters()))
+    if kind == "dora":
+        assert trainable and all(k.endswith(("lora_a", "lora_b", ".m")) for k in trainable)
+    else:
+        assert "model.layers.0.self_attn.q_proj.weight" in trainable
+        assert not any("norm" in k or "embed" in k or "lm_head" in k for k in trainable)
+    for _ in range(2):
+        _, grads = _grads(trainer)
+        trainer.apply(grads)
+    student = np.array(loaded.model(tokens))
+    with trainer.base():
+        again = np.array(loaded.model(tokens))
+    assert not np.allclose(student, base_logits, atol=1e-5)
+    np.testing.assert_array_equal(again, base_logits)
+    np.testing.assert_array_equal(np.array(loaded.model(tokens)), student)  # student restored

@@ -112,7 +112,7 @@ def _add_distill(p: argparse.ArgumentParser) -> None:
     g.add_argument("--num-prompts", type=int, help="harmful prompts distilled on (100)")
     g.add_argument("--generations", type=int, help="M: samples per prompt, mining and rollouts")
     g.add_argument("--max-tokens", type=int, help="rollout completion length (512)")
-    g.add_argument("--lr", type=float, help="learning rate (default: measured for LoRA)")
+    g.add_argument("--lr", type=float, help="learning rate (default: the preset's, 1e-5 for LoRA)")
     g.add_argument("--lora-rank", type=int)
     g.add_argument("--lora-scale", type=float)
     g.add_argument("--epochs", type=int)

@@ -183,7 +183,9 @@ def run_distill(
     rep = Reporter("distill", progress)
     d = config.distill
     if min(d.batch_size, d.generations, d.max_tokens, d.micro_batch_size, d.epochs) < 1:
-        raise SafeSteerError("distill batch_size, generations, max_tokens, epochs must be >= 1")
+        raise SafeSteerError(
+            "distill batch_size, generations, max_tokens, micro_batch_size and epochs must be >= 1"
+        )
     direction, meta = load_direction(run.direction_tensors)
     safety = safety_token_ids(run)
     if loaded is None:

@@ -1,0 +1,412 @@
+"""Export an aligned run where users run models: fuse the adapters into the base weights and write
+a Hugging Face directory, an MLX directory (optionally re-quantized), a llama.cpp GGUF, or the
+steering direction as a llama.cpp control vector, each with a model card.
+
+Fusing never touches the run's files or leaves adapters on the loaded model. A quantized base is
+dequantized one layer at a time in float32, fused in float32 (W' = W + s * B^T A^T for LoRA; DoRA
+rescales the rows to the learned magnitudes m), and cast to the requested dtype at once, so peak
+memory is the base plus the output, never a float32 copy of the whole model.
+
+Everything is written into a temporary directory beside the output and renamed into place when
+complete: a failed export leaves nothing behind.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import mlx.core as mx
+import mlx.nn as nn
+
+from safesteer_mlx.errors import SafeSteerError
+from safesteer_mlx.modeling import parse_dtype
+from safesteer_mlx.progress import Reporter
+
+FORMATS = ("hf", "mlx", "gguf", "control-vector")
+SHARD_BYTES = 4 << 30  # safetensors shard size, as transformers' save_pretrained uses
+_QUANT_KEYS = ("quantization", "quantization_config")
+# transformers' class per family, for configs that lack "architectures" (e.g. read from a GGUF).
+_ARCHITECTURES = {
+    "llama": "LlamaForCausalLM",
+    "mistral": "MistralForCausalLM",
+    "qwen2": "Qwen2ForCausalLM",
+    "qwen3": "Qwen3ForCausalLM",
+    "gemma2": "Gemma2ForCausalLM",
+    "gemma3_text": "Gemma3ForCausalLM",
+}
+
+
+# ----------------------------------------------------------------------------- fusing
+
+
+def _dequantized(layer: nn.QuantizedLinear) -> nn.Linear:
+    """A float32 nn.Linear with the quantized layer's weights (scales upcast first: float16
+    scale * q + bias would round every weight)."""
+    biases = getattr(layer, "biases", None)
+    w = mx.dequantize(
+        layer.weight,
+        layer.scales.astype(mx.float32),
+        None if biases is None else biases.astype(mx.float32),
+        group_size=layer.group_size,
+        bits=layer.bits,
+        mode=getattr(layer, "mode", "affine"),
+    )
+    out = nn.Linear(w.shape[1], w.shape[0], bias="bias" in layer)
+    out.weight = w
+    if "bias" in layer:
+        out.bias = layer.bias.astype(mx.float32)
+    return out
+
+
+def _fuse_float32(adapter: nn.Module) -> nn.Module:
+    """mlx-lm's own `fuse()` on a float32 copy of the wrapped layer."""
+    base = adapter.linear
+    if isinstance(base, nn.QuantizedLinear):
+        adapter.linear = _dequantized(base)
+    else:
+        adapter.linear = nn.Linear(1, 1, bias="bias" in base)
+        adapter.linear.update({k: v.astype(mx.float32) for k, v in base.parameters().items()})
+    try:
+        return adapter.fuse(dequantize=True)
+    finally:
+        adapter.linear = base
+
+
+def _module_weights(module: nn.Module, prefix: str, out: dict, dtype: mx.Dtype) -> None:
+    """Float weights of `module` and its children, LoRA/DoRA fused, quantized layers expanded."""
+    if hasattr(module, "lora_a") and hasattr(module, "fuse"):
+        module = _fuse_float32(module)
+    elif isinstance(module, nn.QuantizedLinear):
+        module = _dequantized(module)
+    elif isinstance(module, nn.QuantizedEmbedding):
+        w = mx.dequantize(
+            module.weight,
+            module.scales.astype(mx.float32),
+            None if module.biases is None else module.biases.astype(mx.float32),
+            group_size=module.group_size,
+            bits=module.bits,
+            mode=getattr(module, "mode", "affine"),
+        )
+        out[f"{prefix}weight"] = w.astype(dtype)
+        mx.eval(out[f"{prefix}weight"])
+        return
+    for key, value in module.items():
+        if key.startswith("_"):
+            continue
+        items = value if isinstance(value, list) else [value]
+        for i, item in enumerate(items):
+            name = f"{prefix}{key}." + (f"{i}." if isinstance(value, list) else "")
+            if isinstance(item, nn.Module):
+                _module_weights(item, name, out, dtype)
+            elif isinstance(item, mx.array) and not isinstance(value, list):
+                out[f"{prefix}{key}"] = item.astype(dtype)
+                mx.eval(out[f"{prefix}{key}"])
+
+
+def _read_adapter_config(path: Path) -> dict:
+    try:
+        return json.loads((path / "adapter_config.json").read_text())
+    except FileNotFoundError:
+        raise SafeSteerError(
+            f"{path} has no adapter_config.json (run `safesteer-mlx distill` first, or export "
+            "the direction alone with --format control-vector)"
+        ) from None
+
+
+@contextlib.contextmanager
+def _adapters_on(model: nn.Module, adapter_dir: Path | None) -> Iterator[dict]:
+    """Within the block the model carries the run's adapters, freshly read from `adapter_dir`
+    (any adapters already attached, e.g. by a distill run in this process, are set aside), and
+    the dict holds full fine-tuning weights that replace base weights. Restored on exit."""
+    from mlx.utils import tree_flatten
+    from mlx_lm.tuner.utils import linear_to_lora_layers
+
+    from safesteer_mlx.adapters import _adapter_modules, _set, adapters_disabled
+
+    overlay: dict = {}
+    with adapters_disabled(model):
+        if adapter_dir is None:
+            yield overlay
+            return
+        config = _read_adapter_config(adapter_dir)
+        weights = mx.load(str(adapter_dir / "adapters.safetensors"))
+        kind = config.get("fine_tune_type", "lora")
+        if kind == "full":
+            yield weights
+            return
+        linear_to_lora_layers(
+            model, config["num_layers"], config["lora_parameters"], use_dora=(kind == "dora")
+        )
+        attached = _adapter_modules(model)
+        try:
+            names = {k for k, _ in tree_flatten(model.parameters())}
+            unknown = sorted(set(weights) - names)
+            if unknown:
+                raise SafeSteerError(
+                    f"{adapter_dir}/adapters.safetensors has weights this model lacks "
+                    f"({unknown[:3]}...): the adapters belong to another base model"
+                )
+            model.load_weights(list(weights.items()), strict=False)
+            yield overlay
+        finally:
+            for parent, name, adapter in attached:
+                _set(parent, name, adapter.linear)
+
+
+def fused_weights(
+    model: nn.Module, adapter_dir: Path | None, dtype: mx.Dtype = mx.float16
+) -> dict[str, mx.array]:
+    """The model's weights with the adapters in `adapter_dir` fused in, dequantized, in `dtype`
+    (names as mlx-lm and Hugging Face checkpoints use them)."""
+    out: dict[str, mx.array] = {}
+    with _adapters_on(model, adapter_dir) as overlay:
+        _module_weights(model, "", out, dtype)
+        for name, w in overlay.items():
+            if name not in out:
+                raise SafeSteerError(f"full fine-tuning weight {name} is not in the base model")
+            out[name] = w.astype(dtype)
+    return out
+
+
+# ----------------------------------------------------------------------------- writers
+
+
+def export_config(config: dict, dtype: str) -> dict:
+    """config.json for a float checkpoint: no MLX/HF quantization keys, the dtype recorded."""
+    out = {k: v for k, v in config.items() if k not in _QUANT_KEYS}
+    family = out.get("model_type", "")
+    if "architectures" not in out and family in _ARCHITECTURES:
+        out["architectures"] = [_ARCHITECTURES[family]]
+    out["torch_dtype"] = dtype
+    return out
+
+
+def save_safetensors_shards(weights: dict[str, mx.array], path: Path, fmt: str) -> int:
+    """`model-0000i-of-0000n.safetensors` + `model.safetensors.index.json`; returns bytes."""
+    shards: list[dict[str, mx.array]] = [{}]
+    size = 0
+    for name in sorted(weights):
+        nbytes = weights[name].nbytes
+        if shards[-1] and size + nbytes > SHARD_BYTES:
+            shards.append({})
+            size = 0
+        shards[-1][name] = weights[name]
+        size += nbytes
+    index: dict[str, Any] = {"metadata": {"total_size": sum(w.nbytes for w in weights.values())}}
+    index["weight_map"] = {}
+    for i, shard in enumerate(shards, 1):
+        fname = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
+        mx.save_safetensors(str(path / fname), shard, metadata={"format": fmt})
+        index["weight_map"].update({name: fname for name in shard})
+    (path / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+    return index["metadata"]["total_size"]
+
+
+def save_tokenizer(tokenizer, path: Path) -> None:
+    """Tokenizer files, chat template and generation config as transformers writes them."""
+    hf = getattr(tokenizer, "_tokenizer", tokenizer)
+    hf.save_pretrained(str(path))
+    eos = sorted(getattr(tokenizer, "eos_token_ids", None) or {hf.eos_token_id} - {None})
+    gen = {"bos_token_id": hf.bos_token_id, "eos_token_id": eos, "pad_token_id": hf.pad_token_id}
+    (path / "generation_config.json").write_text(
+        json.dumps({k: v for k, v in gen.items() if v not in (None, [])}, indent=2)
+    )
+
+
+def _write_hf(weights, config: dict, tokenizer, path: Path, dtype: str) -> None:
+    save_safetensors_shards(weights, path, "pt")
+    (path / "config.json").write_text(json.dumps(export_config(config, dtype), indent=2))
+    save_tokenizer(tokenizer, path)
+
+
+def _write_mlx(
+    weights, config: dict, tokenizer, path: Path, dtype: str, q_bits: int | None, group: int
+) -> None:
+    config = export_config(config, dtype)
+    if q_bits is not None:
+        from mlx.utils import tree_flatten
+        from mlx_lm.utils import _get_classes
+
+        model_class, args_class = _get_classes(config)
+        model = model_class(args_class.from_dict(config))
+        if hasattr(model, "sanitize"):
+            weights = model.sanitize(dict(weights))
+        model.load_weights(list(weights.items()), strict=True)
+        nn.quantize(
+            model,
+            group_size=group,
+            bits=q_bits,
+            class_predicate=lambda p, m: (
+                hasattr(m, "to_quantized") and m.weight.shape[-1] % group == 0
+            ),
+        )
+        weights = dict(tree_flatten(model.parameters()))
+        config["quantization"] = {"group_size": group, "bits": q_bits}
+    save_safetensors_shards(weights, path, "mlx")
+    (path / "config.json").write_text(json.dumps(config, indent=2))
+    save_tokenizer(tokenizer, path)
+
+
+# ----------------------------------------------------------------------------- the stage
+
+
+@contextlib.contextmanager
+def _staging(out: Path, force: bool) -> Iterator[Path]:
+    """A temporary directory beside `out`, renamed onto it on success, removed on failure."""
+    if out.exists() and not force:
+        raise SafeSteerError(f"{out} exists (pass --force to replace it, or choose --out)")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp"))
+    try:
+        yield tmp
+        os.chmod(tmp, 0o755)
+        if out.exists():
+            shutil.rmtree(out) if out.is_dir() else out.unlink()
+        os.replace(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _dir_bytes(path: Path) -> int:
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+
+
+def _check_args(fmt: str, dtype: str, q_bits: int | None, group: int, gguf_type: str | None):
+    if fmt not in FORMATS:
+        raise SafeSteerError(f"unknown export format {fmt!r} (use one of: {', '.join(FORMATS)})")
+    parse_dtype(dtype)
+    if q_bits is not None:
+        if fmt != "mlx":
+            raise SafeSteerError("--q-bits re-quantizes MLX exports only (use --format mlx)")
+        if q_bits not in (4, 8) or group not in (32, 64, 128):
+            raise SafeSteerError(
+                f"--q-bits {q_bits} --q-group-size {group}: use 4 or 8 bits, group 32/64/128"
+            )
+    if gguf_type is not None and fmt != "gguf":
+        raise SafeSteerError("--gguf-type applies to --format gguf only")
+
+
+def run_export(
+    run,
+    fmt: str,
+    *,
+    out: str | os.PathLike | None = None,
+    dtype: str = "float16",
+    q_bits: int | None = None,
+    q_group_size: int = 64,
+    force: bool = False,
+    progress=None,
+    loaded=None,
+    upload_repo: str | None = None,
+    gguf_type: str | None = None,
+) -> dict:
+    """Export run `run` (a RunDir) as `fmt` to `out` (default `run.export_dir / fmt`).
+
+    `loaded` reuses a model already in memory (the base of the run, e.g. after `align`);
+    otherwise the run's [model] section is loaded. Returns path, format, dtype, bytes, seconds.
+    """
+    from safesteer_mlx.config import load_config
+    from safesteer_mlx.model_card import write_model_card
+
+    rep = Reporter("export", progress)
+    _check_args(fmt, dtype, q_bits, q_group_size, gguf_type)
+    if not run.config.exists():
+        raise SafeSteerError(
+            f"{run.path} has no config.toml (give the --run-dir of a safesteer-mlx run)"
+        )
+    config = load_config(run.config)
+    out_path = Path(out) if out is not None else run.export_dir / fmt
+    if fmt == "gguf":
+        out_path = out_path / "model.gguf" if out_path.suffix != ".gguf" else out_path
+        target_dir = out_path.parent
+    elif fmt == "control-vector":
+        out_path = out_path / "control_vector.gguf" if out_path.suffix != ".gguf" else out_path
+        target_dir = out_path.parent
+    else:
+        target_dir = out_path
+    if fmt == "control-vector" and not run.direction_tensors.exists():
+        raise SafeSteerError(f"{run.path} has no direction.safetensors (run `direction` first)")
+    if fmt in ("hf", "mlx", "gguf") and not run.adapters.exists():
+        rep.warn(f"{run.adapters} is absent: exporting the base model without adapters")
+    if target_dir.exists() and not force:
+        raise SafeSteerError(f"{target_dir} exists (pass --force to replace it, or choose --out)")
+
+    t0 = time.perf_counter()
+    rep.start(f"export {fmt} to {target_dir}")
+    if loaded is None:
+        from safesteer_mlx.modeling import load_configured
+
+        rep.log(f"loading {config.model.name}")
+        loaded = load_configured(config.model)
+
+    from safesteer_mlx import gguf_export
+
+    if fmt == "gguf":
+        gguf_export.check_supported(loaded.config)  # before anything is written
+    with _staging(target_dir, force) as tmp:
+        if fmt == "control-vector":
+            info = gguf_export.write_control_vector(run, loaded, tmp / out_path.name)
+        else:
+            adapters = run.adapters if run.adapters.exists() else None
+            rep.log("fusing adapters" if adapters else "collecting weights")
+            weights = fused_weights(loaded.model, adapters, parse_dtype(dtype))
+            rep.log(f"writing {fmt}")
+            if fmt == "hf":
+                _write_hf(weights, loaded.config, loaded.tokenizer, tmp, dtype)
+                info = {}
+            elif fmt == "mlx":
+                _write_mlx(
+                    weights, loaded.config, loaded.tokenizer, tmp, dtype, q_bits, q_group_size
+                )
+                info = {"q_bits": q_bits, "q_group_size": q_group_size if q_bits else None}
+            else:
+                gtype = gguf_type or gguf_export.DTYPE_TO_GGUF[dtype]
+                info = gguf_export.write_gguf(
+                    weights, loaded, tmp / out_path.name, gtype, name=run.path.name
+                )
+            del weights
+        write_model_card(
+            tmp / "README.md", run, config, loaded, fmt, dtype, info, where=str(out_path)
+        )
+        size = _dir_bytes(tmp)
+    result = {
+        "path": str(out_path),
+        "format": fmt,
+        "dtype": dtype,
+        "bytes": size,
+        "seconds": round(time.perf_counter() - t0, 3),
+        **info,
+    }
+    if upload_repo:
+        result["url"] = upload(target_dir, upload_repo, rep)
+    rep.result(f"wrote {out_path} ({size / 1e6:.1f} MB in {result['seconds']:.1f}s)", **result)
+    return result
+
+
+def upload(path: Path, repo: str, rep: Reporter) -> str:
+    """Push the export to the hub; the token comes only from the environment (HF_TOKEN) or the
+    user's huggingface-hub login, and is never written anywhere."""
+    from huggingface_hub import HfApi
+    from huggingface_hub.errors import HfHubHTTPError
+
+    if repo.count("/") != 1:
+        raise SafeSteerError(f"--upload-repo {repo!r}: give ORG/NAME")
+    api = HfApi(token=os.environ.get("HF_TOKEN"))
+    rep.log(f"uploading {path} to {repo}")
+    try:
+        api.create_repo(repo, exist_ok=True)
+        commit = api.upload_folder(folder_path=str(path), repo_id=repo)
+    except HfHubHTTPError as e:
+        raise SafeSteerError(
+            f"upload to {repo} failed: {str(e).splitlines()[0]} "
+            f"(set HF_TOKEN or run `hf auth login`; the export stays at {path})"
+        ) from None
+    return str(getattr(commit, "commit_url", f"https://huggingface.co/{repo}"))

@@ -1,0 +1,142 @@
+"""The model card (README.md) of an export: what the model is, how it was aligned, how well, and
+how to load it in each runtime."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from safesteer_mlx.run import atomic_write_text
+
+
+def _fmt(value) -> str:
+    if value is None:
+        return "–"
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return str(value)
+
+
+def eval_table(summary: list[dict]) -> str:
+    """The before/after table from eval.json's `summary` rows
+    `{"metric", "judge", "before", "after"}`."""
+    lines = ["| metric | judge | before | after |", "|---|---|---|---|"]
+    for row in summary:
+        lines.append(
+            f"| {row.get('metric', '')} | {_fmt(row.get('judge'))} | "
+            f"{_fmt(row.get('before'))} | {_fmt(row.get('after'))} |"
+        )
+    return "\n".join(lines)
+
+
+def _read_json(path: Path):
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+
+
+def _usage(fmt: str, name: str) -> str:
+    if fmt == "hf":
+        return (
+            "```python\nfrom transformers import AutoModelForCausalLM, AutoTokenizer\n"
+            f'model = AutoModelForCausalLM.from_pretrained("{name}")\n'
+            f'tokenizer = AutoTokenizer.from_pretrained("{name}")\n```\n\n'
+            "MLX reads this directory too: `mlx_lm.generate --model DIR --prompt ...`. "
+            f"For llama.cpp, convert it with `convert_hf_to_gguf.py {name}` or export "
+            "`--format gguf`."
+        )
+    if fmt == "mlx":
+        return (
+            f'```sh\nmlx_lm.generate --model {name} --prompt "Hello"\n```\n\n'
+            "```python\nfrom mlx_lm import load, generate\n"
+            f'model, tokenizer = load("{name}")\n```'
+        )
+    if fmt == "gguf":
+        return (
+            f"```sh\nllama-cli -m {name} -cnv\n```\n\n"
+            "```python\nfrom llama_cpp import Llama\n"
+            f'llm = Llama(model_path="{name}")\n```'
+        )
+    return (
+        "The steering direction (the safety teacher) as a llama.cpp control vector. It steers "
+        "the *base* model, not an aligned one:\n\n"
+        f"```sh\nllama-cli -m BASE.gguf --control-vector {name}\n```\n\n"
+        "`--control-vector-scaled FILE S` scales it; the file already holds coefficient x "
+        "direction."
+    )
+
+
+def write_model_card(
+    path: Path, run, config, loaded, fmt: str, dtype: str, info: dict, *, where: str
+) -> None:
+    """README.md: base model, method, config, safety tokens, evaluation, and how to load the
+    export from `where` (its final path) in each runtime."""
+    from safesteer_mlx.run import RunDir
+
+    run = run if isinstance(run, RunDir) else RunDir(run)
+    direction = _read_json(run.direction_json) or {}
+    tokens = _read_json(run.safety_tokens)
+    evaluation = _read_json(run.eval_json)
+    adapter = _read_json(run.adapters / "adapter_config.json") or {}
+    d = config.distill
+
+    out = ["---", "tags: [safesteer-mlx, safety, refusal, mlx]"]
+    if fmt == "gguf":
+        out.append("library_name: gguf")
+    elif fmt == "mlx":
+        out.append("library_name: mlx")
+    else:
+        out.append("library_name: transformers")
+    out += ["---", "", f"# {run.path.name} ({fmt})", ""]
+    out.append(
+        f"**Base model:** `{config.model.name}` ({loaded.family}, {loaded.num_layers} layers, "
+        f"hidden {loaded.hidden_size})"
+        + (
+            f", with the adapter `{config.model.adapter_path}` fused first"
+            if config.model.adapter_path
+            else ""
+        )
+        + "."
+    )
+    out += [
+        "",
+        "Aligned with [safesteer-mlx](https://github.com/) — SafeSteer on MLX: a refusal "
+        "direction added at one layer is the safety teacher; the 50 tokens it boosts most are "
+        "the safety tokens S; the student (LoRA on the base) is distilled on-policy with the "
+        "reverse KL restricted to S.",
+        "",
+        "## Export",
+        "",
+        f"- format: `{fmt}`, dtype: `{dtype}`"
+        + "".join(f", {k}: `{v}`" for k, v in info.items() if v is not None),
+    ]
+    if adapter:
+        lp = adapter.get("lora_parameters", {})
+        out.append(
+            f"- adapters fused: {adapter.get('fine_tune_type', 'lora')}, rank {lp.get('rank')}, "
+            f"scale {lp.get('scale')}, {adapter.get('num_layers')} layers"
+        )
+    out += ["", "## Method and configuration", ""]
+    if direction:
+        out.append(
+            f"- teacher: direction at layer {direction.get('layer')}, position "
+            f"{direction.get('position')}, coefficient {_fmt(direction.get('coefficient'))}, "
+            f"norm {_fmt(direction.get('norm'))}"
+        )
+    out.append(
+        f"- distillation: loss `{d.loss}`, {d.fine_tune_type} rank {d.lora_rank}, lr "
+        f"{_fmt(d.lr)}, {d.num_prompts} prompts x {d.generations} rollouts of {d.max_tokens} "
+        f"tokens, {d.epochs} epoch(s), seed {config.seed}"
+    )
+    out.append(f"- prompts: harmful `{config.data.harmful}`, harmless `{config.data.harmless}`")
+    if isinstance(tokens, dict):
+        tokens = tokens.get("tokens")
+    if isinstance(tokens, list) and tokens:
+        shown = ", ".join(f"`{t.get('token', '')!r}`" for t in tokens[:50] if isinstance(t, dict))
+        out += ["", f"## Safety tokens S ({len(tokens)})", "", shown]
+    summary = evaluation.get("summary") if isinstance(evaluation, dict) else None
+    if isinstance(summary, list) and summary:
+        out += ["", "## Evaluation (before / after alignment)", "", eval_table(summary)]
+    out += ["", "## Load it", "", _usage(fmt, where)]
+    atomic_write_text(path, "\n".join(out) + "\n")

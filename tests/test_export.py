@@ -1,0 +1,264 @@
+"""Export: a run with adapters, exported to every format, loaded back by the real consumers
+(mlx-lm, transformers on CPU, llama.cpp through llama-cpp-python) for every supported family."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+
+import mlx.core as mx
+import numpy as np
+import pytest
+
+from safesteer_mlx.errors import SafeSteerError
+from tests.tiny_families import FAMILIES, build_family_dir
+
+PROMPTS = ["Hello there", "How do I bake bread?", "<|im_start|>user\nhi<|im_end|>\n"]
+STEPS = 8
+
+
+def requires(module: str, why: str) -> None:
+    if importlib.util.find_spec(module) is None:
+        pytest.skip(f"{module} is not installed ({why}; `pip install -e .[dev]` installs it)")
+
+
+def make_run(tmp_path, family: str, kind: str = "lora", layers: int | None = None, seed: int = 0):
+    """A run directory over a tiny `family` model, with trained-looking adapters (random,
+    non-zero LoRA B so the fused weights differ from the base)."""
+    from safesteer_mlx.adapters import adapter_config, attach, save_adapters
+    from safesteer_mlx.config import Config, to_toml
+    from safesteer_mlx.modeling import load_model
+    from safesteer_mlx.run import RunDir
+
+    base = build_family_dir(family, tmp_path / f"base-{family}", seed=seed, layers=layers)
+    config = Config()
+    config.model.name = str(base)
+    config.model.dtype = "float32"
+    run = RunDir(tmp_path / f"run-{family}-{kind}").ensure()
+    run.config.write_text(to_toml(config.to_dict()))
+    loaded = load_model(str(base), dtype="float32")
+    acfg = adapter_config(kind, loaded.num_layers, 4, 2.0, 0.0, None)
+    attach(loaded.model, acfg)
+    mx.random.seed(seed + 1)
+    from mlx.utils import tree_flatten, tree_unflatten
+
+    trained = [
+        (k, v + 0.05 * mx.random.normal(v.shape) if kind == "full" or "lora_b" in k else v)
+        for k, v in tree_flatten(loaded.model.trainable_parameters())
+    ]
+    loaded.model.update(tree_unflatten(trained))
+    save_adapters(run.adapters, loaded.model, acfg)
+    return run, base
+
+
+def reference(base, run):
+    """The un-fused model with the run's adapters attached, as mlx-lm loads it."""
+    from mlx_lm.tuner.utils import load_adapters
+
+    from safesteer_mlx.modeling import load_model
+
+    loaded = load_model(str(base), dtype="float32")
+    load_adapters(loaded.model, str(run.adapters))
+    loaded.model.eval()
+    return loaded
+
+
+def encode(tokenizer, text: str) -> list[int]:
+    return tokenizer._tokenizer.encode(text, add_special_tokens=False)
+
+
+def mlx_greedy(model, ids: list[int], steps: int = STEPS) -> list[int]:
+    out = list(ids)
+    for _ in range(steps):
+        logits = model(mx.array([out]))[0, -1]
+        out.append(int(mx.argmax(logits).item()))
+    return out[len(ids) :]
+
+
+def mlx_logits(model, ids: list[int]) -> np.ndarray:
+    return np.array(model(mx.array([ids]))[0].astype(mx.float32))
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_hf_and_mlx_round_trip(tmp_path, family):
+    """mlx-lm loads both exports with greedy tokens identical to base + adapters; transformers
+    loads the HF export with logits within float32 tolerance of MLX's."""
+    from mlx_lm import load as mlx_load
+
+    from safesteer_mlx.export import run_export
+
+    run, base = make_run(tmp_path, family)
+    ref = reference(base, run)
+    hf = run_export(run, "hf", dtype="float32")
+    assert hf["format"] == "hf" and hf["bytes"] > 0 and hf["seconds"] >= 0
+    out = run.export_dir / "hf"
+    config = json.loads((out / "config.json").read_text())
+    assert "quantization" not in config and config["architectures"]
+    assert json.loads((out / "model.safetensors.index.json").read_text())["weight_map"]
+    assert (out / "README.md").exists() and (out / "generation_config.json").exists()
+
+    model, tok = mlx_load(str(out))
+    for p in PROMPTS:
+        ids = encode(ref.tokenizer, p)
+        assert tok.encode(p, add_special_tokens=False) == ids
+        assert mlx_greedy(model, ids) == mlx_greedy(ref.model, ids), p
+
+    requires("transformers", "the HF export is checked with transformers")
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    hf_model = AutoModelForCausalLM.from_pretrained(str(out), dtype=torch.float32)
+    hf_model.eval()
+    hf_tok = AutoTokenizer.from_pretrained(str(out))
+    assert hf_tok.chat_template
+    for p in PROMPTS:
+        ids = encode(ref.tokenizer, p)
+        with torch.no_grad():
+            theirs = hf_model(torch.tensor([ids])).logits[0].float().numpy()
+        np.testing.assert_allclose(theirs, mlx_logits(ref.model, ids), atol=2e-4, rtol=1e-4)
+
+    mlx8 = run_export(run, "mlx", dtype="float32", q_bits=8, q_group_size=32)
+    model8, _ = mlx_load(mlx8["path"])
+    assert json.loads((run.export_dir / "mlx" / "config.json").read_text())["quantization"] == {
+        "group_size": 32,
+        "bits": 8,
+    }
+    ids = encode(ref.tokenizer, PROMPTS[1])
+    # 8-bit weights: logits close to the float model's, not equal.
+    assert np.abs(mlx_logits(model8, ids) - mlx_logits(ref.model, ids)).max() < 0.5
+
+
+def llama_greedy(path, ids: list[int], steps: int = STEPS, cvec=None):
+    from llama_cpp import Llama
+
+    llm = Llama(model_path=str(path), n_ctx=256, n_threads=2, logits_all=True, verbose=False)
+    if cvec is not None:
+        cvec(llm)
+    out = list(ids)
+    llm.reset()
+    llm.eval(out)
+    logits0 = np.array(llm.scores[: len(ids)])
+    for _ in range(steps):
+        nxt = int(np.argmax(llm.scores[llm.n_tokens - 1]))
+        out.append(nxt)
+        llm.eval([nxt])
+    return out[len(ids) :], logits0
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+@pytest.mark.parametrize("gguf_type", ["f32", "f16"])
+def test_gguf_round_trip(tmp_path, family, gguf_type):
+    """llama.cpp runs the GGUF export with greedy tokens identical to MLX's (base + adapters)."""
+    requires("gguf", "the GGUF writer")
+    from safesteer_mlx.export import run_export
+
+    run, base = make_run(tmp_path, family)
+    result = run_export(run, "gguf", dtype="float32", gguf_type=gguf_type)
+    path = run.export_dir / "gguf" / "model.gguf"
+    assert result["path"] == str(path) and path.exists()
+
+    import gguf
+
+    reader = gguf.GGUFReader(str(path))
+    names = {t.name for t in reader.tensors}
+    assert "token_embd.weight" in names and "blk.0.attn_q.weight" in names
+    assert ("output.weight" in names) == (not FAMILIES[family]["tie_word_embeddings"])
+
+    requires("llama_cpp", "GGUF exports are checked in llama.cpp through llama-cpp-python")
+    ref = reference(base, run)
+    for p in PROMPTS:
+        ids = encode(ref.tokenizer, p)
+        tokens, logits = llama_greedy(path, ids)
+        assert tokens == mlx_greedy(ref.model, ids), (family, gguf_type, p)
+        tol = 1e-3 if gguf_type == "f32" else 5e-2
+        np.testing.assert_allclose(logits, mlx_logits(ref.model, ids), atol=tol * 10, rtol=tol)
+
+
+def test_dora_and_full_fuse_match_unfused(tmp_path):
+    from mlx_lm import load as mlx_load
+
+    from safesteer_mlx.export import run_export
+
+    for kind in ("dora", "full"):
+        run, base = make_run(tmp_path, "llama", kind=kind)
+        ref = reference(base, run)
+        result = run_export(run, "mlx", dtype="float32")
+        model, _ = mlx_load(result["path"])
+        ids = encode(ref.tokenizer, PROMPTS[1])
+        np.testing.assert_allclose(
+            mlx_logits(model, ids), mlx_logits(ref.model, ids), atol=1e-4, rtol=1e-4
+        )
+
+
+def test_quantized_base_is_dequantized_before_fusing(tmp_path):
+    """From a 4-bit MLX base: the export equals dequantize(W) + s B^T A^T in float32."""
+    from mlx_lm import load as mlx_load
+    from mlx_lm.utils import quantize_model, save_model
+
+    from safesteer_mlx.config import load_config, to_toml
+    from safesteer_mlx.export import run_export
+    from safesteer_mlx.modeling import load_model
+
+    run, base = make_run(tmp_path, "llama")
+    loaded = load_model(str(base), dtype="float32")
+    qdir = tmp_path / "q4"
+    model, qconfig = quantize_model(loaded.model, dict(loaded.config), 32, 4)
+    save_model(str(qdir), model)
+    (qdir / "config.json").write_text(json.dumps(qconfig))
+    loaded.tokenizer._tokenizer.save_pretrained(str(qdir))
+    config = load_config(run.config)
+    config.model.name, config.model.dtype = str(qdir), None
+    run.config.write_text(to_toml(config.to_dict()))
+
+    result = run_export(run, "hf", dtype="float32")
+    fused, _ = mlx_load(result["path"])
+    ref = reference(qdir, run)  # QLoRA: LoRA over the 4-bit layers
+    ids = encode(ref.tokenizer, PROMPTS[0])
+    np.testing.assert_allclose(mlx_logits(fused, ids), mlx_logits(ref.model, ids), atol=1e-3)
+    shard = next((run.export_dir / "hf").glob("model-*.safetensors"))
+    assert not any(k.endswith(".scales") for k in mx.load(str(shard)))
+
+
+def test_unsupported_family_fails_before_writing(tmp_path):
+    from safesteer_mlx import gguf_export
+
+    with pytest.raises(SafeSteerError, match="supported: gemma2, gemma3_text, llama, mistral"):
+        gguf_export.check_supported({"model_type": "phi3"})
+    with pytest.raises(SafeSteerError, match="rope_scaling type 'llama3'"):
+        gguf_export.check_supported(
+            {"model_type": "llama", "rope_scaling": {"rope_type": "llama3"}}
+        )
+
+
+def test_existing_output_refused_and_failure_leaves_nothing(tmp_path, monkeypatch):
+    from safesteer_mlx import export
+    from safesteer_mlx.export import run_export
+
+    run, _ = make_run(tmp_path, "llama")
+    first = run_export(run, "hf", dtype="float32")
+    with pytest.raises(SafeSteerError, match="--force"):
+        run_export(run, "hf", dtype="float32")
+    assert run_export(run, "hf", dtype="float32", force=True)["bytes"] == first["bytes"]
+
+    def boom(*args, **kwargs):
+        raise RuntimeError("disk full")
+
+    monkeypatch.setattr(export, "_write_mlx", boom)
+    with pytest.raises(RuntimeError):
+        run_export(run, "mlx")
+    assert sorted(p.name for p in run.export_dir.iterdir()) == ["hf"]
+
+
+def test_bad_arguments(tmp_path):
+    from safesteer_mlx.export import run_export
+    from safesteer_mlx.run import RunDir
+
+    run = RunDir(tmp_path / "empty").ensure()
+    with pytest.raises(SafeSteerError, match="no config.toml"):
+        run_export(run, "hf")
+    with pytest.raises(SafeSteerError, match="unknown export format"):
+        run_export(run, "onnx")
+    with pytest.raises(SafeSteerError, match="--format mlx"):
+        run_export(run, "hf", q_bits=4)
+    with pytest.raises(SafeSteerError, match="4 or 8 bits"):
+        run_export(run, "mlx", q_bits=3)

@@ -142,7 +142,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    _add_stage(sub, "align", "run every stage over one run directory")
+    p = _add_stage(sub, "align", "run every stage over one run directory")
+    p.add_argument(
+        "--export",
+        choices=["hf", "mlx", "gguf", "control-vector"],
+        help="export the result as the last step ([export] config section for the options)",
+    )
     _add_stage(sub, "direction", "stage 1: find the refusal direction (the teacher)")
     _add_stage(sub, "mine", "stage 2: mine the safety tokens")
     _add_stage(sub, "distill", "stage 3: distil the teacher into LoRA adapters, on-policy")
@@ -163,9 +168,59 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", action="store_true", help='print [{"prompt", "completion"}]')
 
+    _add_export_parser(sub)
+
     p = sub.add_parser("models", help="list the model presets and what is available locally")
     p.add_argument("--json", action="store_true")
     return parser
+
+
+def _add_export_parser(sub) -> None:
+    p = sub.add_parser(
+        "export", help="fuse the adapters and write an HF/MLX/GGUF model or a control vector"
+    )
+    p.add_argument("--run-dir", type=Path, required=True, help="the run directory")
+    p.add_argument("--format", required=True, choices=["hf", "mlx", "gguf", "control-vector"])
+    p.add_argument("--dtype", choices=["float16", "bfloat16", "float32"], help="default float16")
+    p.add_argument("--out", type=Path, help="output directory (default RUN/export/FORMAT)")
+    p.add_argument("--q-bits", type=int, choices=[4, 8], help="mlx: re-quantize the weights")
+    p.add_argument("--q-group-size", type=int, help="mlx: quantization group size (64)")
+    p.add_argument("--gguf-type", choices=["f32", "f16", "bf16", "q8_0"], help="default: dtype")
+    p.add_argument("--upload-repo", help="push the export to the hub as ORG/NAME (HF_TOKEN)")
+    p.add_argument("--force", action="store_true", help="replace an existing export")
+    p.add_argument("--json", action="store_true", help="print the result as JSON on stdout")
+    p.add_argument("--quiet", action="store_true", help="only warnings on stderr")
+
+
+def _export_options(config, args: argparse.Namespace) -> dict:
+    """run_export's keyword options: [export] config section < flags."""
+    e = config.export
+    get = lambda name, default: (  # noqa: E731
+        getattr(args, name) if getattr(args, name, None) is not None else default
+    )
+    return {
+        "dtype": get("dtype", e.dtype),
+        "q_bits": get("q_bits", e.q_bits),
+        "q_group_size": get("q_group_size", e.q_group_size),
+        "gguf_type": get("gguf_type", e.gguf_type),
+        "out": getattr(args, "out", None),
+        "upload_repo": getattr(args, "upload_repo", None),
+    }
+
+
+def cmd_export(args: argparse.Namespace) -> dict:
+    from safesteer_mlx.config import load_config
+    from safesteer_mlx.export import run_export
+    from safesteer_mlx.run import RunDir
+
+    run = RunDir(args.run_dir)
+    if not run.config.exists():
+        raise SafeSteerError(
+            f"{run.path} has no config.toml (give the --run-dir of a safesteer-mlx run)"
+        )
+    options = _export_options(load_config(run.config), args)
+    render = StderrRenderer(args.quiet)
+    return run_export(run, args.format, force=args.force, progress=render, **options)
 
 
 def _overrides(args: argparse.Namespace) -> dict:
@@ -297,6 +352,14 @@ def run_stages(args: argparse.Namespace, stages: tuple[str, ...]) -> dict:
         elif stage == "distill":
             resume = bool(getattr(args, "resume", False))
             summary["distill"] = run_distill(config, run, resume=resume, **common)
+    is_align = getattr(args, "command", None) == "align"
+    fmt = getattr(args, "export", None) or (config.export.format if is_align else None)
+    if fmt:
+        from safesteer_mlx.export import run_export
+
+        # align's --dtype is the model's load dtype; the export's options come from [export].
+        options = _export_options(config, argparse.Namespace())
+        summary["export"] = run_export(run, fmt, **common, **options)
     summary["stages"] = run.manifest()["stages"]
     return summary
 
@@ -398,6 +461,7 @@ def main(argv: list[str] | None = None) -> int:
         "mine": cmd_mine,
         "distill": cmd_distill,
         "generate": cmd_generate,
+        "export": cmd_export,
         "models": cmd_models,
     }
     try:

@@ -96,6 +96,15 @@ class DistillConfig:
 
 
 @dataclass
+class ExportConfig:
+    format: str | None = None  # `align --export FORMAT`: hf | mlx | gguf | control-vector
+    dtype: str = "float16"  # float16 | bfloat16 | float32 (weights are fused in float32)
+    q_bits: int | None = None  # mlx only: re-quantize to 4 or 8 bits
+    q_group_size: int = 64
+    gguf_type: str | None = None  # f32 | f16 | bf16 | q8_0; None: from dtype
+
+
+@dataclass
 class Config:
     seed: int = 0
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -103,6 +112,7 @@ class Config:
     direction: DirectionConfig = field(default_factory=DirectionConfig)
     mining: MiningConfig = field(default_factory=MiningConfig)
     distill: DistillConfig = field(default_factory=DistillConfig)
+    export: ExportConfig = field(default_factory=ExportConfig)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -154,7 +164,7 @@ def apply_overrides(config: Config, overrides: dict[str, dict[str, Any]]) -> Con
         if not dataclasses.is_dataclass(getattr(config, section, None)):
             raise SafeSteerError(
                 f"unknown config section [{section}] "
-                "(known: model, data, direction, mining, distill, seed)"
+                f"(known: {', '.join(f.name for f in fields(Config))})"
             )
         if not isinstance(values, dict):
             raise SafeSteerError(f"config section [{section}] must be a table, got {values!r}")

@@ -29,6 +29,7 @@ import mlx.nn as nn
 from safesteer_mlx.errors import SafeSteerError
 from safesteer_mlx.modeling import parse_dtype
 from safesteer_mlx.progress import Reporter
+from safesteer_mlx.run import input_hash
 
 FORMATS = ("hf", "mlx", "gguf", "control-vector")
 SHARD_BYTES = 4 << 30  # safetensors shard size, as transformers' save_pretrained uses
@@ -279,7 +280,11 @@ def _dir_bytes(path: Path) -> int:
     return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
 
 
-def _check_args(fmt: str, dtype: str, q_bits: int | None, group: int, gguf_type: str | None):
+def _check_args(
+    fmt: str, dtype: str, q_bits: int | None, group: int, gguf_type: str | None, repo: str | None
+) -> None:
+    if repo is not None and (repo.count("/") != 1 or not all(repo.split("/"))):
+        raise SafeSteerError(f"--upload-repo {repo!r}: give ORG/NAME")
     if fmt not in FORMATS:
         raise SafeSteerError(f"unknown export format {fmt!r} (use one of: {', '.join(FORMATS)})")
     parse_dtype(dtype)
@@ -317,7 +322,7 @@ def run_export(
     from safesteer_mlx.model_card import write_model_card
 
     rep = Reporter("export", progress)
-    _check_args(fmt, dtype, q_bits, q_group_size, gguf_type)
+    _check_args(fmt, dtype, q_bits, q_group_size, gguf_type, upload_repo)
     if not run.config.exists():
         raise SafeSteerError(
             f"{run.path} has no config.toml (give the --run-dir of a safesteer-mlx run)"
@@ -340,6 +345,7 @@ def run_export(
         raise SafeSteerError(f"{target_dir} exists (pass --force to replace it, or choose --out)")
 
     t0 = time.perf_counter()
+    inputs = input_hash(fmt, dtype, q_bits, q_group_size, gguf_type, str(out_path))
     rep.start(f"export {fmt} to {target_dir}")
     if loaded is None:
         from safesteer_mlx.modeling import load_configured
@@ -351,32 +357,34 @@ def run_export(
 
     if fmt == "gguf":
         gguf_export.check_supported(loaded.config)  # before anything is written
-    with _staging(target_dir, force) as tmp:
-        if fmt == "control-vector":
-            info = gguf_export.write_control_vector(run, loaded, tmp / out_path.name)
-        else:
-            adapters = run.adapters if run.adapters.exists() else None
-            rep.log("fusing adapters" if adapters else "collecting weights")
-            weights = fused_weights(loaded.model, adapters, parse_dtype(dtype))
-            rep.log(f"writing {fmt}")
-            if fmt == "hf":
-                _write_hf(weights, loaded.config, loaded.tokenizer, tmp, dtype)
-                info = {}
-            elif fmt == "mlx":
-                _write_mlx(
-                    weights, loaded.config, loaded.tokenizer, tmp, dtype, q_bits, q_group_size
-                )
-                info = {"q_bits": q_bits, "q_group_size": q_group_size if q_bits else None}
+    with run.stage_run("export", inputs) as stats:
+        with _staging(target_dir, force) as tmp:
+            if fmt == "control-vector":
+                info = gguf_export.write_control_vector(run, loaded, tmp / out_path.name)
             else:
-                gtype = gguf_type or gguf_export.DTYPE_TO_GGUF[dtype]
-                info = gguf_export.write_gguf(
-                    weights, loaded, tmp / out_path.name, gtype, name=run.path.name
-                )
-            del weights
-        write_model_card(
-            tmp / "README.md", run, config, loaded, fmt, dtype, info, where=str(out_path)
-        )
-        size = _dir_bytes(tmp)
+                adapters = run.adapters if run.adapters.exists() else None
+                rep.log("fusing adapters" if adapters else "collecting weights")
+                weights = fused_weights(loaded.model, adapters, parse_dtype(dtype))
+                rep.log(f"writing {fmt}")
+                if fmt == "hf":
+                    _write_hf(weights, loaded.config, loaded.tokenizer, tmp, dtype)
+                    info = {}
+                elif fmt == "mlx":
+                    _write_mlx(
+                        weights, loaded.config, loaded.tokenizer, tmp, dtype, q_bits, q_group_size
+                    )
+                    info = {"q_bits": q_bits, "q_group_size": q_group_size if q_bits else None}
+                else:
+                    gtype = gguf_type or gguf_export.DTYPE_TO_GGUF[dtype]
+                    info = gguf_export.write_gguf(
+                        weights, loaded, tmp / out_path.name, gtype, name=run.path.name
+                    )
+                del weights
+            write_model_card(
+                tmp / "README.md", run, config, loaded, fmt, dtype, info, where=str(out_path)
+            )
+            size = _dir_bytes(tmp)
+        stats.update(format=fmt, path=str(out_path), bytes=size)
     result = {
         "path": str(out_path),
         "format": fmt,
@@ -397,8 +405,6 @@ def upload(path: Path, repo: str, rep: Reporter) -> str:
     from huggingface_hub import HfApi
     from huggingface_hub.errors import HfHubHTTPError
 
-    if repo.count("/") != 1:
-        raise SafeSteerError(f"--upload-repo {repo!r}: give ORG/NAME")
     api = HfApi(token=os.environ.get("HF_TOKEN"))
     rep.log(f"uploading {path} to {repo}")
     try:

@@ -262,3 +262,77 @@ def test_bad_arguments(tmp_path):
         run_export(run, "hf", q_bits=4)
     with pytest.raises(SafeSteerError, match="4 or 8 bits"):
         run_export(run, "mlx", q_bits=3)
+
+
+def write_direction(run, hidden: int, layer: int, coef: float, seed: int = 3) -> mx.array:
+    mx.random.seed(seed)
+    direction = 4.0 * mx.random.normal((hidden,))
+    mx.save_safetensors(str(run.direction_tensors), {"direction": direction})
+    run.direction_json.write_text(json.dumps({"layer": layer, "coefficient": coef, "position": -1}))
+    return direction
+
+
+def test_control_vector_layer_numbering(tmp_path):
+    """direction.N in llama.cpp is added after block N = before block N + 1: our layer L is N =
+    L - 1; layers 0 and 1 have no equivalent (llama.cpp never applies direction.0)."""
+    import gguf
+
+    from safesteer_mlx.export import run_export
+    from safesteer_mlx.gguf_export import control_vector_layer
+
+    assert control_vector_layer(2, 4) == 1 and control_vector_layer(3, 4) == 2
+    for bad in (0, 1, 4):
+        with pytest.raises(SafeSteerError, match="--layer"):
+            control_vector_layer(bad, 4)
+
+    run, _ = make_run(tmp_path, "llama", layers=4)
+    direction = write_direction(run, 64, layer=2, coef=1.5)
+    result = run_export(run, "control-vector")
+    assert result["llama_cpp_layer"] == 1 and result["steering_layer"] == 2
+    reader = gguf.GGUFReader(result["path"])
+    field = reader.fields["general.architecture"]
+    assert bytes(field.parts[field.data[0]]).decode() == "controlvector"
+    assert int(reader.fields["controlvector.layer_count"].parts[-1][0]) == 1
+    (tensor,) = reader.tensors
+    assert tensor.name == "direction.1"
+    np.testing.assert_allclose(np.array(tensor.data), 1.5 * np.array(direction), rtol=1e-6)
+
+
+def test_control_vector_steers_llama_cpp_like_mlx(tmp_path):
+    """The control vector applied in llama.cpp gives the greedy tokens of MLX's steered base."""
+    requires("llama_cpp", "control vectors are checked in llama.cpp through llama-cpp-python")
+    import ctypes
+
+    import gguf
+    import llama_cpp
+
+    from safesteer_mlx.export import run_export
+    from safesteer_mlx.modeling import load_model, steered
+
+    run, base = make_run(tmp_path, "llama", layers=4)
+    direction = write_direction(run, 64, layer=2, coef=4.0)
+    model_gguf = run_export(run, "gguf", dtype="float32", gguf_type="f32")["path"]
+    cv = run_export(run, "control-vector")["path"]
+    # Base model: the run's adapters are not part of the teacher.
+    loaded = load_model(str(base), dtype="float32")
+
+    def apply(llm):
+        # As llama.cpp's common loader does: direction.N goes to offset (N - 1) * n_embd.
+        (tensor,) = gguf.GGUFReader(cv).tensors
+        n = int(tensor.name.split(".")[1])
+        data = np.zeros(64 * n, dtype=np.float32)
+        data[64 * (n - 1) :] = np.array(tensor.data)
+        ptr = data.ctypes.data_as(ctypes.POINTER(ctypes.c_float))
+        assert llama_cpp.llama_apply_adapter_cvec(llm._ctx.ctx, ptr, data.size, 64, 1, 3) == 0
+
+    # The GGUF holds the fused (adapters-on) model; steer the same in MLX.
+    ref = reference(base, run)
+    changed = 0
+    for p in PROMPTS:
+        ids = encode(loaded.tokenizer, p)
+        with steered(ref.model, direction, 2, 4.0):
+            want = mlx_greedy(ref.model, ids)
+        changed += want != mlx_greedy(ref.model, ids)
+        got, _ = llama_greedy(model_gguf, ids, cvec=apply)
+        assert got == want, p
+    assert changed  # the vector is strong enough to matter, so a wrong layer would show

@@ -85,8 +85,12 @@ FAMILIES: dict[str, dict] = {
 }
 
 
+# A family mlx-lm and transformers run but the GGUF export does not.
+UNSUPPORTED = {"phi3": {"model_type": "phi3", "architectures": ["Phi3ForCausalLM"]}}
+
+
 def family_config(family: str, vocab_size: int, layers: int | None = None) -> dict:
-    config = {**_COMMON, **FAMILIES[family], "vocab_size": vocab_size}
+    config = {**_COMMON, **{**FAMILIES, **UNSUPPORTED}[family], "vocab_size": vocab_size}
     if layers is not None:
         config["num_hidden_layers"] = layers
     return config
@@ -112,7 +116,7 @@ def build_family_dir(family: str, path: Path, *, seed: int = 0, layers: int | No
         elif "norm" in name and w.ndim == 1:
             # Gemma stores w and multiplies by (1 + w); the others multiply by w.
             weights[name] = (0.0 if gemma else 1.0) + 0.2 * mx.random.normal(w.shape)
-    if config["tie_word_embeddings"]:
+    if config.get("tie_word_embeddings"):
         weights.pop("lm_head.weight", None)
     model.update(tree_unflatten(list(weights.items())), strict=False)
     path = Path(path)

@@ -1,0 +1,95 @@
+"""`safesteer-mlx export` and `align --export`: exit codes, messages, nothing half-written, the
+model card, and the hub upload's token handling."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from test_align_tiny import HARMFUL, HARMLESS, _argv
+from test_export import make_run
+from tiny import save_model_dir, tiny_model
+
+from safesteer_mlx.cli import main
+
+
+def test_export_cli_json_and_refuses_existing(tmp_path, capsys):
+    run, _ = make_run(tmp_path, "qwen2")
+    argv = ["export", "--run-dir", str(run.path), "--format", "mlx", "--dtype", "float32"]
+    assert main([*argv, "--q-bits", "4", "--q-group-size", "32", "--json", "--quiet"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["format"] == "mlx" and result["q_bits"] == 4 and result["bytes"] > 0
+    assert run.stage("export")["status"] == "done"
+    assert main([*argv, "--quiet"]) == 2
+    assert "exists (pass --force" in capsys.readouterr().err
+    assert main([*argv, "--force", "--quiet"]) == 0
+
+
+def test_unsupported_family_writes_nothing(tmp_path, capsys):
+    run, _ = make_run(tmp_path, "phi3")
+    assert main(["export", "--run-dir", str(run.path), "--format", "gguf", "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert "'phi3'" in err and "supported: gemma2, gemma3_text, llama, mistral, qwen2, qwen3" in err
+    assert not run.export_dir.exists()
+    # The same model exports fine where the family is supported.
+    assert main(["export", "--run-dir", str(run.path), "--format", "hf", "--quiet"]) == 0
+
+
+def test_upload_token_only_from_environment(tmp_path, monkeypatch):
+    import huggingface_hub
+
+    from safesteer_mlx.export import run_export
+
+    calls = {}
+
+    class FakeApi:
+        def __init__(self, token=None):
+            calls["token"] = token
+
+        def create_repo(self, repo, exist_ok):
+            calls["repo"] = repo
+
+        def upload_folder(self, folder_path, repo_id):
+            calls["files"] = sorted(
+                p.name for p in __import__("pathlib").Path(folder_path).iterdir()
+            )
+            return type("Commit", (), {"commit_url": f"https://huggingface.co/{repo_id}/commit/1"})
+
+    monkeypatch.setattr(huggingface_hub, "HfApi", FakeApi)
+    monkeypatch.setenv("HF_TOKEN", "hf_secret_token_123")
+    run, _ = make_run(tmp_path, "llama")
+    result = run_export(run, "hf", upload_repo="me/aligned")
+    assert calls["token"] == "hf_secret_token_123" and calls["repo"] == "me/aligned"
+    assert "README.md" in calls["files"] and "config.json" in calls["files"]
+    assert result["url"].startswith("https://huggingface.co/me/aligned")
+    for path in run.path.rglob("*"):
+        if path.is_file():
+            assert b"hf_secret_token_123" not in path.read_bytes(), path
+    with pytest.raises(Exception, match="ORG/NAME"):
+        run_export(run, "hf", upload_repo="no-slash", force=True)
+
+
+def test_align_export_is_the_last_step(tmp_path):
+    model_dir = save_model_dir(tiny_model(seed=1), tmp_path / "model")
+    (tmp_path / "harmful.json").write_text(json.dumps(HARMFUL))
+    (tmp_path / "harmless.json").write_text(json.dumps(HARMLESS))
+    run = tmp_path / "run"
+    assert main(_argv("align", model_dir, run, tmp_path, "--export", "gguf")) == 0
+    card = (run / "export" / "gguf" / "README.md").read_text()
+    direction = json.loads((run / "direction.json").read_text())
+    assert f"direction at layer {direction['layer']}" in card
+    assert "## Safety tokens S (12)" in card
+    assert (run / "export" / "gguf" / "model.gguf").stat().st_size > 0
+    # With an evaluation in the run, the card shows its before/after table.
+    (run / "eval.json").write_text(
+        json.dumps(
+            {
+                "summary": [
+                    {"metric": "refusal_rate", "judge": "phrases", "before": 0.25, "after": 0.9}
+                ]
+            }
+        )
+    )
+    assert main(["export", "--run-dir", str(run), "--format", "hf", "--quiet"]) == 0
+    card = (run / "export" / "hf" / "README.md").read_text()
+    assert "| refusal_rate | phrases | 0.25 | 0.9 |" in card

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+from pathlib import Path
 
 import mlx.core as mx
 import numpy as np
@@ -172,6 +173,33 @@ def test_gguf_round_trip(tmp_path, family, gguf_type):
         assert tokens == mlx_greedy(ref.model, ids), (family, gguf_type, p)
         tol = 1e-3 if gguf_type == "f32" else 5e-2
         np.testing.assert_allclose(logits, mlx_logits(ref.model, ids), atol=tol * 10, rtol=tol)
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_gguf_tensors_read_by_transformers(tmp_path, family):
+    """An independent GGUF reader: transformers' GGUF loader undoes llama.cpp's conventions (Q/K
+    permutation, Gemma's +1 norms, tensor names) and must get MLX's logits back. Its GGUF config
+    mapping drops keys these families need (Gemma's softcapping and query scale, Qwen3's
+    head_dim), so the architecture comes from the HF export's config.json; mistral is read as
+    the llama GGUF it is."""
+    requires("transformers", "transformers' GGUF loader reads the export")
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from safesteer_mlx.export import run_export
+
+    run, base = make_run(tmp_path, family)
+    path = run_export(run, "gguf", dtype="float32", gguf_type="f32")["path"]
+    hf = run_export(run, "hf", dtype="float32")["path"]
+    config = None if family == "mistral" else AutoConfig.from_pretrained(hf)
+    model = AutoModelForCausalLM.from_pretrained(
+        str(Path(path).parent), gguf_file=Path(path).name, config=config, dtype=torch.float32
+    ).eval()
+    ref = reference(base, run)
+    ids = encode(ref.tokenizer, PROMPTS[1])
+    with torch.no_grad():
+        theirs = model(torch.tensor([ids])).logits[0].numpy()
+    np.testing.assert_allclose(theirs, mlx_logits(ref.model, ids), atol=2e-4, rtol=1e-4)
 
 
 def test_dora_and_full_fuse_match_unfused(tmp_path):

@@ -222,6 +222,8 @@ def _tokenizer(writer, loaded, vocab_size: int) -> None:
                     tokens.append(vocab[i])
                     types.append(gguf.TokenType.NORMAL)
             merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges", [])]
+            if not merges:
+                raise SafeSteerError("the BPE tokenizer has no merges, which llama.cpp requires")
             writer.add_tokenizer_model("gpt2")
             pre = _source_pre(loaded) or _PRE_BY_FAMILY.get(loaded.config.get("model_type"))
             writer.add_tokenizer_pre(pre or "default")

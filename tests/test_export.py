@@ -166,9 +166,13 @@ def test_gguf_round_trip(tmp_path, family, gguf_type):
     assert ("output.weight" in names) == (not FAMILIES[family]["tie_word_embeddings"])
 
     requires("llama_cpp", "GGUF exports are checked in llama.cpp through llama-cpp-python")
+    from llama_cpp import Llama
+
+    vocab = Llama(model_path=str(path), vocab_only=True, verbose=False)
     ref = reference(base, run)
     for p in PROMPTS:
         ids = encode(ref.tokenizer, p)
+        assert vocab.tokenize(p.encode(), add_bos=False, special=True) == ids, p
         tokens, logits = llama_greedy(path, ids)
         assert tokens == mlx_greedy(ref.model, ids), (family, gguf_type, p)
         tol = 1e-3 if gguf_type == "f32" else 5e-2

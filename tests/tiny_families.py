@@ -1,9 +1,10 @@
 """Tiny random models of every family the export supports, built with mlx-lm's own model classes
 and saved as real Hugging Face/MLX directories (config.json, model.safetensors, tokenizer files).
 
-Every family uses the byte-level BPE tokenizer of tests/tiny.py (written to GGUF as a `gpt2`
-tokenizer): the tokenizer is independent of the architecture in all three runtimes, and one
-tokenizer keeps the token ids comparable across them. Norm weights are randomised so that a
+Every family uses one byte-level BPE tokenizer (tests/tiny.py's bytes and chat specials plus a
+few merges, since llama.cpp requires merges; written to GGUF as a `gpt2` tokenizer): the
+tokenizer is independent of the architecture in all three runtimes, and one tokenizer keeps the
+token ids comparable across them. Norm weights are randomised so that a
 missing Gemma "+1" or a swapped norm would change the logits.
 """
 
@@ -15,7 +16,29 @@ from pathlib import Path
 import mlx.core as mx
 from mlx.utils import tree_flatten, tree_unflatten
 
-from tests.tiny import tiny_tokenizer
+from tests.tiny import CHAT_TEMPLATE, SPECIALS
+
+MERGES = [("Ġ", "t"), ("h", "e"), ("Ġt", "he"), ("i", "n"), ("e", "r"), ("Ġ", "a"), ("o", "u")]
+
+
+def bpe_tokenizer():
+    """Byte-level BPE: every byte, a few merges, and the chat specials (ids 0-2)."""
+    from mlx_lm.tokenizer_utils import BPEStreamingDetokenizer, TokenizerWrapper
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    tokens = SPECIALS + sorted(pre_tokenizers.ByteLevel.alphabet()) + [a + b for a, b in MERGES]
+    vocab = {tok: i for i, tok in enumerate(tokens)}
+    backend = Tokenizer(models.BPE(vocab=vocab, merges=MERGES))
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    backend.add_special_tokens(SPECIALS)
+    hf = PreTrainedTokenizerFast(
+        tokenizer_object=backend, bos_token=None, eos_token="<|im_end|>", pad_token="<|endoftext|>"
+    )
+    hf.chat_template = CHAT_TEMPLATE
+    return TokenizerWrapper(hf, BPEStreamingDetokenizer, eos_token_ids=[2])
+
 
 HIDDEN = 64
 
@@ -100,7 +123,7 @@ def build_family_dir(family: str, path: Path, *, seed: int = 0, layers: int | No
     """A random float32 model of `family` saved at `path` as an HF/MLX model directory."""
     from mlx_lm.utils import _get_classes
 
-    tok = tiny_tokenizer()
+    tok = bpe_tokenizer()
     config = family_config(family, len(tok.get_vocab()), layers)
     config["eos_token_id"] = tok.eos_token_id
     model_class, args_class = _get_classes(config)

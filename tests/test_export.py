@@ -69,11 +69,16 @@ def encode(tokenizer, text: str) -> list[int]:
 
 
 def mlx_greedy(model, ids: list[int], steps: int = STEPS) -> list[int]:
-    out = list(ids)
+    """Greedy tokens with mlx-lm's KV cache (as mlx-lm generates)."""
+    from mlx_lm.models.cache import make_prompt_cache
+
+    cache = make_prompt_cache(model)
+    logits = model(mx.array([ids]), cache=cache)[0, -1]
+    out = []
     for _ in range(steps):
-        logits = model(mx.array([out]))[0, -1]
         out.append(int(mx.argmax(logits).item()))
-    return out[len(ids) :]
+        logits = model(mx.array([out[-1:]]), cache=cache)[0, -1]
+    return out
 
 
 def mlx_logits(model, ids: list[int]) -> np.ndarray:
@@ -355,7 +360,7 @@ def test_control_vector_steers_llama_cpp_like_mlx(tmp_path):
         data = np.zeros(64 * n, dtype=np.float32)
         data[64 * (n - 1) :] = np.array(tensor.data)
         ptr = data.ctypes.data_as(ctypes.POINTER(ctypes.c_float))
-        assert llama_cpp.llama_apply_adapter_cvec(llm._ctx.ctx, ptr, data.size, 64, 1, 3) == 0
+        assert llama_cpp.llama_set_adapter_cvec(llm._ctx.ctx, ptr, data.size, 64, 1, 3) == 0
 
     # The GGUF holds the fused (adapters-on) model; steer the same in MLX.
     ref = reference(base, run)

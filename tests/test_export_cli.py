@@ -74,12 +74,12 @@ def test_align_export_is_the_last_step(tmp_path):
     (tmp_path / "harmful.json").write_text(json.dumps(HARMFUL))
     (tmp_path / "harmless.json").write_text(json.dumps(HARMLESS))
     run = tmp_path / "run"
-    assert main(_argv("align", model_dir, run, tmp_path, "--export", "gguf")) == 0
-    card = (run / "export" / "gguf" / "README.md").read_text()
+    assert main(_argv("align", model_dir, run, tmp_path, "--export", "hf")) == 0
+    card = (run / "export" / "hf" / "README.md").read_text()
     direction = json.loads((run / "direction.json").read_text())
     assert f"direction at layer {direction['layer']}" in card
     assert "## Safety tokens S (12)" in card
-    assert (run / "export" / "gguf" / "model.gguf").stat().st_size > 0
+    assert json.loads((run / "manifest.json").read_text())["stages"]["export"]["status"] == "done"
     # With an evaluation in the run, the card shows its before/after table.
     (run / "eval.json").write_text(
         json.dumps(
@@ -90,6 +90,6 @@ def test_align_export_is_the_last_step(tmp_path):
             }
         )
     )
-    assert main(["export", "--run-dir", str(run), "--format", "hf", "--quiet"]) == 0
-    card = (run / "export" / "hf" / "README.md").read_text()
+    assert main(["export", "--run-dir", str(run), "--format", "mlx", "--quiet"]) == 0
+    card = (run / "export" / "mlx" / "README.md").read_text()
     assert "| refusal_rate | phrases | 0.25 | 0.9 |" in card

@@ -184,6 +184,27 @@ def test_gguf_round_trip(tmp_path, family, gguf_type):
         np.testing.assert_allclose(logits, mlx_logits(ref.model, ids), atol=tol * 10, rtol=tol)
 
 
+@pytest.mark.parametrize("family", ["llama", "qwen3", "gemma2"])
+@pytest.mark.parametrize(("gguf_type", "dtype"), [("q8_0", "float32"), ("bf16", "bfloat16")])
+def test_gguf_quantized_types(tmp_path, family, gguf_type, dtype):
+    """Q8_0 and BF16: 2-D weights in that type, norms in F32, and llama.cpp's logits within
+    the type's rounding of MLX's float32 logits (measured max |diff| <= 0.35)."""
+    import gguf
+
+    from safesteer_mlx.export import run_export
+
+    run, base = make_run(tmp_path, family)
+    path = run_export(run, "gguf", dtype=dtype, gguf_type=gguf_type)["path"]
+    types = {t.name: t.tensor_type.name for t in gguf.GGUFReader(path).tensors}
+    assert types["blk.0.attn_q.weight"] == gguf_type.upper()
+    assert types["blk.0.attn_norm.weight"] == "F32"
+    requires("llama_cpp", "GGUF exports are checked in llama.cpp through llama-cpp-python")
+    ref = reference(base, run)
+    ids = encode(ref.tokenizer, PROMPTS[1])
+    _, logits = llama_greedy(path, ids, steps=1)
+    assert np.abs(logits - mlx_logits(ref.model, ids)).max() < 0.5
+
+
 @pytest.mark.parametrize("family", list(FAMILIES))
 def test_gguf_tensors_read_by_transformers(tmp_path, family):
     """An independent GGUF reader: transformers' GGUF loader undoes llama.cpp's conventions (Q/K

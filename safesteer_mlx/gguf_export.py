@@ -232,21 +232,34 @@ def _tokenizer(writer, loaded, vocab_size: int) -> None:
             if merges:
                 writer.add_token_merges(merges)
         elif model["type"] == "BPE":  # SentencePiece as tokenizers writes it (llama 2, gemma)
-            vocab = gguf.LlamaHfVocab(Path(tmp))
+            # tokenizers orders an SPM vocabulary by piece score, so -id ranks the merges the
+            # way llama.cpp's SPM tokenizer applies them (highest score first).
+            vocab = {i: t for t, i in hf.get_vocab().items()}
             tokens, scores, types = [], [], []
-            for text, score, toktype in vocab.all_tokens():
+            for i in range(vocab_size):
+                text = vocab.get(i)
+                if text is None:
+                    tokens.append(f"[PAD{i}]")
+                    scores.append(-1e9)
+                    types.append(gguf.TokenType.UNUSED)
+                    continue
                 tokens.append(text)
-                scores.append(score)
-                types.append(toktype)
-            for i in range(len(tokens), vocab_size):
-                tokens.append(f"[PAD{i}]".encode())
-                scores.append(-1000.0)
-                types.append(gguf.TokenType.UNUSED)
+                if i in added:
+                    special = added[i]["special"]
+                    scores.append(0.0)
+                    types.append(gguf.TokenType.CONTROL if special else gguf.TokenType.USER_DEFINED)
+                elif len(text) == 6 and text.startswith("<0x") and text.endswith(">"):
+                    scores.append(0.0)
+                    types.append(gguf.TokenType.BYTE)
+                else:
+                    scores.append(-float(i))
+                    types.append(gguf.TokenType.NORMAL)
             writer.add_tokenizer_model("llama")
             writer.add_tokenizer_pre("default")
             writer.add_token_list(tokens)
             writer.add_token_scores(scores)
             writer.add_token_types(types)
+            writer.add_add_space_prefix(_prepends_space(tj))
         else:
             raise SafeSteerError(
                 f"GGUF export supports BPE tokenizers (byte-level or SentencePiece-style); this "
@@ -265,6 +278,26 @@ def _tokenizer(writer, loaded, vocab_size: int) -> None:
     writer.add_add_eos_token(bool(probe) and probe[-1] == hf.eos_token_id is not None)
     if getattr(hf, "chat_template", None):
         writer.add_chat_template(hf.chat_template)
+
+
+def _prepends_space(tokenizer_json: dict) -> bool:
+    """Whether the SPM normalizer/pre-tokenizer puts "\u2581" before the text (llama.cpp's
+    `add_space_prefix`): a Prepend normalizer, or a Metaspace that prepends."""
+
+    def walk(node) -> bool:
+        if isinstance(node, list):
+            return any(walk(n) for n in node)
+        if not isinstance(node, dict):
+            return False
+        if node.get("type") == "Prepend" and node.get("prepend") == "\u2581":
+            return True
+        if node.get("type") == "Metaspace" and (
+            node.get("prepend_scheme") in ("always", "first") or node.get("add_prefix_space")
+        ):
+            return True
+        return any(walk(v) for v in node.values())
+
+    return walk(tokenizer_json.get("normalizer")) or walk(tokenizer_json.get("pre_tokenizer"))
 
 
 def write_gguf(weights: dict, loaded, path: Path, gtype: str, *, name: str = "") -> dict:

@@ -23,7 +23,9 @@ def requires(module: str, why: str) -> None:
         pytest.skip(f"{module} is not installed ({why}; `pip install -e .[dev]` installs it)")
 
 
-def make_run(tmp_path, family: str, kind: str = "lora", layers: int | None = None, seed: int = 0):
+def make_run(
+    tmp_path, family: str, kind: str = "lora", layers: int | None = None, seed: int = 0, tok=None
+):
     """A run directory over a tiny `family` model, with trained-looking adapters (random,
     non-zero LoRA B so the fused weights differ from the base)."""
     from safesteer_mlx.adapters import adapter_config, attach, save_adapters
@@ -31,7 +33,9 @@ def make_run(tmp_path, family: str, kind: str = "lora", layers: int | None = Non
     from safesteer_mlx.modeling import load_model
     from safesteer_mlx.run import RunDir
 
-    base = build_family_dir(family, tmp_path / f"base-{family}", seed=seed, layers=layers)
+    base = build_family_dir(
+        family, tmp_path / f"base-{family}", seed=seed, layers=layers, tokenizer=tok
+    )
     config = Config()
     config.model.name = str(base)
     config.model.dtype = "float32"
@@ -230,6 +234,28 @@ def test_gguf_tensors_read_by_transformers(tmp_path, family):
     with torch.no_grad():
         theirs = model(torch.tensor([ids])).logits[0].numpy()
     np.testing.assert_allclose(theirs, mlx_logits(ref.model, ids), atol=2e-4, rtol=1e-4)
+
+
+def test_sentencepiece_tokenizer_in_llama_cpp(tmp_path):
+    """A SentencePiece-style tokenizer is written as llama.cpp's `llama` vocabulary (scores,
+    byte pieces, space prefix): llama.cpp tokenizes like the HF tokenizer, BOS included, and
+    generates MLX's greedy tokens."""
+    from safesteer_mlx.export import run_export
+    from tests.tiny_families import spm_tokenizer
+
+    run, base = make_run(tmp_path, "mistral", tok=spm_tokenizer())
+    path = run_export(run, "gguf", dtype="float32", gguf_type="f32")["path"]
+    requires("llama_cpp", "GGUF exports are checked in llama.cpp through llama-cpp-python")
+    from llama_cpp import Llama
+
+    vocab = Llama(model_path=path, vocab_only=True, verbose=False)
+    ref = reference(base, run)
+    hf = ref.tokenizer._tokenizer
+    for text in ["the theater is in there", "Hello, World! 42", "café ☃ naïve"]:
+        ids = hf.encode(text)
+        assert ids[0] == 1 and vocab.tokenize(text.encode()) == ids, text
+        assert vocab.detokenize(ids).decode() == text
+        assert llama_greedy(path, ids)[0] == mlx_greedy(ref.model, ids), text
 
 
 def test_dora_and_full_fuse_match_unfused(tmp_path):

@@ -112,6 +112,47 @@ FAMILIES: dict[str, dict] = {
 UNSUPPORTED = {"phi3": {"model_type": "phi3", "architectures": ["Phi3ForCausalLM"]}}
 
 
+SPM_MERGES = [("▁", "t"), ("h", "e"), ("▁t", "he"), ("i", "n"), ("e", "r"), ("▁", "a")]
+
+
+def spm_tokenizer():
+    """SentencePiece-style BPE as `tokenizers` writes llama 2's: "▁" for spaces, byte fallback
+    `<0xNN>` pieces, the vocabulary in score order, `<s>` added in front."""
+    import string
+
+    from mlx_lm.tokenizer_utils import TokenizerWrapper
+    from tokenizers import Tokenizer, decoders, models, normalizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    tokens = ["<unk>", "<s>", "</s>"] + [f"<0x{b:02X}>" for b in range(256)]
+    tokens += ["▁"] + list(string.ascii_letters + string.digits + string.punctuation)
+    tokens += [a + b for a, b in SPM_MERGES]
+    vocab = {tok: i for i, tok in enumerate(tokens)}
+    backend = Tokenizer(
+        models.BPE(vocab=vocab, merges=SPM_MERGES, unk_token="<unk>", byte_fallback=True)
+    )
+    backend.normalizer = normalizers.Sequence(
+        [normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")]
+    )
+    backend.decoder = decoders.Sequence(
+        [
+            decoders.Replace("▁", " "),
+            decoders.ByteFallback(),
+            decoders.Fuse(),
+            decoders.Strip(" ", 1, 0),
+        ]
+    )
+    backend.post_processor = processors.TemplateProcessing(
+        single="<s> $A", special_tokens=[("<s>", 1)]
+    )
+    backend.add_special_tokens(["<unk>", "<s>", "</s>"])
+    hf = PreTrainedTokenizerFast(
+        tokenizer_object=backend, bos_token="<s>", eos_token="</s>", unk_token="<unk>"
+    )
+    hf.chat_template = CHAT_TEMPLATE
+    return TokenizerWrapper(hf, eos_token_ids=[2])
+
+
 def family_config(family: str, vocab_size: int, layers: int | None = None) -> dict:
     config = {**_COMMON, **{**FAMILIES, **UNSUPPORTED}[family], "vocab_size": vocab_size}
     if layers is not None:
@@ -119,11 +160,13 @@ def family_config(family: str, vocab_size: int, layers: int | None = None) -> di
     return config
 
 
-def build_family_dir(family: str, path: Path, *, seed: int = 0, layers: int | None = None) -> Path:
+def build_family_dir(
+    family: str, path: Path, *, seed: int = 0, layers: int | None = None, tokenizer=None
+) -> Path:
     """A random float32 model of `family` saved at `path` as an HF/MLX model directory."""
     from mlx_lm.utils import _get_classes
 
-    tok = bpe_tokenizer()
+    tok = tokenizer or bpe_tokenizer()
     config = family_config(family, len(tok.get_vocab()), layers)
     config["eos_token_id"] = tok.eos_token_id
     model_class, args_class = _get_classes(config)

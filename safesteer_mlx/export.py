@@ -259,11 +259,26 @@ def _write_mlx(
 # ----------------------------------------------------------------------------- the stage
 
 
+def _check_target(out: Path, force: bool) -> None:
+    """An existing output is replaced only with --force, and only when it is an earlier export
+    (its model card says so) or empty: --force never deletes a user's other files."""
+    if not out.exists():
+        return
+    if not force:
+        raise SafeSteerError(f"{out} exists (pass --force to replace it, or choose --out)")
+    card = out / "README.md"
+    ours = card.is_file() and "safesteer-mlx" in card.read_text(errors="replace")[:200]
+    if not out.is_dir() or not (ours or not any(out.iterdir())):
+        raise SafeSteerError(
+            f"{out} is not a safesteer-mlx export; --force replaces only earlier exports "
+            "(choose another --out)"
+        )
+
+
 @contextlib.contextmanager
 def _staging(out: Path, force: bool) -> Iterator[Path]:
     """A temporary directory beside `out`, renamed onto it on success, removed on failure."""
-    if out.exists() and not force:
-        raise SafeSteerError(f"{out} exists (pass --force to replace it, or choose --out)")
+    _check_target(out, force)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp"))
     try:
@@ -274,6 +289,19 @@ def _staging(out: Path, force: bool) -> Iterator[Path]:
         os.replace(tmp, out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _resolved_model(run) -> dict | None:
+    """What config.toml records about the run's model (family, layers): enough for a control
+    vector, so the weights need not be loaded."""
+    from safesteer_mlx.config import tomllib
+
+    try:
+        data = tomllib.loads(run.config.read_text(encoding="utf-8")).get("resolved_model")
+    except (OSError, ValueError):
+        return None
+    ok = isinstance(data, dict) and {"family", "num_layers"} <= set(data)
+    return data if ok else None
 
 
 def _dir_bytes(path: Path) -> int:
@@ -328,31 +356,36 @@ def run_export(
             f"{run.path} has no config.toml (give the --run-dir of a safesteer-mlx run)"
         )
     config = load_config(run.config)
-    out_path = Path(out) if out is not None else run.export_dir / fmt
-    if fmt == "gguf":
-        out_path = out_path / "model.gguf" if out_path.suffix != ".gguf" else out_path
-        target_dir = out_path.parent
-    elif fmt == "control-vector":
-        out_path = out_path / "control_vector.gguf" if out_path.suffix != ".gguf" else out_path
-        target_dir = out_path.parent
-    else:
-        target_dir = out_path
+    target_dir = Path(out) if out is not None else run.export_dir / fmt
+    if target_dir.suffix == ".gguf":
+        raise SafeSteerError(
+            f"--out {target_dir}: give a directory (the export holds the .gguf and its README.md)"
+        )
+    out_path = target_dir / {"gguf": "model.gguf", "control-vector": "control_vector.gguf"}.get(
+        fmt, ""
+    )
     if fmt == "control-vector" and not run.direction_tensors.exists():
         raise SafeSteerError(f"{run.path} has no direction.safetensors (run `direction` first)")
     if fmt in ("hf", "mlx", "gguf") and not run.adapters.exists():
         rep.warn(f"{run.adapters} is absent: exporting the base model without adapters")
-    if target_dir.exists() and not force:
-        raise SafeSteerError(f"{target_dir} exists (pass --force to replace it, or choose --out)")
+    _check_target(target_dir, force)
 
     t0 = time.perf_counter()
     inputs = input_hash(fmt, dtype, q_bits, q_group_size, gguf_type, str(out_path))
     rep.start(f"export {fmt} to {target_dir}")
-    if loaded is None:
+    summary = _resolved_model(run) if fmt == "control-vector" and loaded is None else None
+    if loaded is None and summary is None:
         from safesteer_mlx.modeling import load_configured
 
         rep.log(f"loading {config.model.name}")
         loaded = load_configured(config.model)
 
+    if summary is None:
+        summary = {
+            "family": loaded.family,
+            "num_layers": loaded.num_layers,
+            "hidden_size": loaded.hidden_size,
+        }
     from safesteer_mlx import gguf_export
 
     if fmt == "gguf":
@@ -360,7 +393,7 @@ def run_export(
     with run.stage_run("export", inputs) as stats:
         with _staging(target_dir, force) as tmp:
             if fmt == "control-vector":
-                info = gguf_export.write_control_vector(run, loaded, tmp / out_path.name)
+                info = gguf_export.write_control_vector(run, summary, tmp / out_path.name)
             else:
                 adapters = run.adapters if run.adapters.exists() else None
                 rep.log("fusing adapters" if adapters else "collecting weights")
@@ -381,7 +414,7 @@ def run_export(
                     )
                 del weights
             write_model_card(
-                tmp / "README.md", run, config, loaded, fmt, dtype, info, where=str(out_path)
+                tmp / "README.md", run, config, summary, fmt, dtype, info, where=str(out_path)
             )
             size = _dir_bytes(tmp)
         stats.update(format=fmt, path=str(out_path), bytes=size)

@@ -358,19 +358,20 @@ def control_vector_layer(layer: int, num_layers: int) -> int:
     return layer - 1
 
 
-def write_control_vector(run, loaded, path: Path) -> dict:
+def write_control_vector(run, model: dict, path: Path) -> dict:
     """The run's teacher direction, times its coefficient, as a llama.cpp control vector GGUF:
-    `controlvector.model_hint`, `controlvector.layer_count` and one F32 tensor `direction.N`."""
+    `controlvector.model_hint`, `controlvector.layer_count` and one F32 tensor `direction.N`.
+    `model` holds the base's `family` and `num_layers` (as config.toml's resolved_model)."""
     import gguf
 
     from safesteer_mlx.direction import load_direction
 
     direction, meta = load_direction(run.direction_tensors)
     layer, coef = int(meta["layer"]), float(meta["coefficient"])
-    n = control_vector_layer(layer, loaded.num_layers)
+    n = control_vector_layer(layer, int(model["num_layers"]))
     vector = np.array((coef * direction.astype(mx.float32)).astype(mx.float32))
     writer = gguf.GGUFWriter(str(path), "controlvector")
-    writer.add_string("controlvector.model_hint", str(loaded.config.get("model_type", "llama")))
+    writer.add_string("controlvector.model_hint", str(model.get("family") or "llama"))
     writer.add_uint32("controlvector.layer_count", 1)
     writer.add_tensor(f"direction.{n}", vector.astype(np.float32))
     writer.write_header_to_file()

@@ -68,10 +68,11 @@ def _usage(fmt: str, name: str) -> str:
 
 
 def write_model_card(
-    path: Path, run, config, loaded, fmt: str, dtype: str, info: dict, *, where: str
+    path: Path, run, config, model: dict, fmt: str, dtype: str, info: dict, *, where: str
 ) -> None:
     """README.md: base model, method, config, safety tokens, evaluation, and how to load the
-    export from `where` (its final path) in each runtime."""
+    export from `where` (its final path) in each runtime. `model`: the base's family,
+    num_layers and hidden_size (config.toml's resolved_model)."""
     from safesteer_mlx.run import RunDir
 
     run = run if isinstance(run, RunDir) else RunDir(run)
@@ -90,8 +91,8 @@ def write_model_card(
         out.append("library_name: transformers")
     out += ["---", "", f"# {run.path.name} ({fmt})", ""]
     out.append(
-        f"**Base model:** `{config.model.name}` ({loaded.family}, {loaded.num_layers} layers, "
-        f"hidden {loaded.hidden_size})"
+        f"**Base model:** `{config.model.name}` ({model.get('family')}, "
+        f"{model.get('num_layers')} layers, hidden {model.get('hidden_size')})"
         + (
             f", with the adapter `{config.model.adapter_path}` fused first"
             if config.model.adapter_path

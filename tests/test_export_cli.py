@@ -93,3 +93,45 @@ def test_align_export_is_the_last_step(tmp_path):
     assert main(["export", "--run-dir", str(run), "--format", "mlx", "--quiet"]) == 0
     card = (run / "export" / "mlx" / "README.md").read_text()
     assert "| refusal_rate | phrases | 0.25 | 0.9 |" in card
+
+
+def test_force_never_deletes_other_files(tmp_path):
+    from safesteer_mlx.errors import SafeSteerError
+    from safesteer_mlx.export import run_export
+
+    run, _ = make_run(tmp_path, "llama")
+    mine = tmp_path / "my-models"
+    mine.mkdir()
+    (mine / "precious.bin").write_bytes(b"x")
+    with pytest.raises(SafeSteerError, match="not a safesteer-mlx export"):
+        run_export(run, "gguf", out=mine, force=True)
+    assert (mine / "precious.bin").exists()
+    with pytest.raises(SafeSteerError, match="give a directory"):
+        run_export(run, "gguf", out=tmp_path / "model.gguf")
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert run_export(run, "hf", out=empty, force=True)["path"] == str(empty)
+
+
+def test_control_vector_without_loading_the_model(tmp_path):
+    """config.toml's resolved_model is enough: the weights are not loaded (the model path here
+    no longer exists)."""
+    import json as _json
+
+    import mlx.core as mx
+
+    from safesteer_mlx.config import Config, to_toml
+    from safesteer_mlx.export import run_export
+    from safesteer_mlx.run import RunDir
+
+    run = RunDir(tmp_path / "run").ensure()
+    config = Config()
+    config.model.name = str(tmp_path / "gone")
+    summary = {"family": "qwen2", "num_layers": 24, "hidden_size": 8}
+    run.config.write_text(to_toml({**config.to_dict(), "resolved_model": summary}))
+    mx.save_safetensors(str(run.direction_tensors), {"direction": mx.ones((8,))})
+    run.direction_json.write_text(_json.dumps({"layer": 12, "coefficient": 2.0}))
+    result = run_export(run, "control-vector")
+    assert result["llama_cpp_layer"] == 11
+    card = (run.export_dir / "control-vector" / "README.md").read_text()
+    assert "qwen2, 24 layers" in card and "--control-vector" in card

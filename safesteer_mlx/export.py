@@ -67,14 +67,22 @@ def _dequantized(layer: nn.QuantizedLinear) -> nn.Linear:
     return out
 
 
+def _float32_linear(layer: nn.Module) -> nn.Linear:
+    if isinstance(layer, nn.QuantizedLinear):
+        return _dequantized(layer)
+    out = nn.Linear(layer.weight.shape[1], layer.weight.shape[0], bias="bias" in layer)
+    out.weight = layer.weight.astype(mx.float32)
+    if "bias" in layer:
+        out.bias = layer.bias.astype(mx.float32)
+    return out
+
+
 def _fuse_float32(adapter: nn.Module) -> nn.Module:
-    """mlx-lm's own `fuse()` on a float32 copy of the wrapped layer."""
+    """mlx-lm's own `fuse()` of a LoRA/DoRA layer, over a float32 copy of the layer it wraps."""
+    if not hasattr(adapter, "linear"):  # e.g. LoRA on an embedding: mlx-lm's fuse as it is
+        return adapter.fuse(dequantize=True)
     base = adapter.linear
-    if isinstance(base, nn.QuantizedLinear):
-        adapter.linear = _dequantized(base)
-    else:
-        adapter.linear = nn.Linear(1, 1, bias="bias" in base)
-        adapter.linear.update({k: v.astype(mx.float32) for k, v in base.parameters().items()})
+    adapter.linear = _float32_linear(base)
     try:
         return adapter.fuse(dequantize=True)
     finally:

@@ -139,6 +139,17 @@ def _quantize(gguf, data: np.ndarray, gtype: str):
     return gguf.quants.quantize(data, qtype), qtype
 
 
+def _layout(gguf, shape: tuple, gtype: str) -> tuple:
+    """(stored shape, numpy dtype, bytes, GGML type) of a tensor of `shape` once converted,
+    from one converted row."""
+    row = np.zeros(shape[-1:], dtype=np.float32) if len(shape) == 1 else np.zeros((1, shape[-1]))
+    probe, raw_dtype = _quantize(gguf, row.astype(np.float32), gtype)
+    if len(shape) == 1:
+        return shape, probe.dtype, probe.nbytes, raw_dtype
+    rows = int(np.prod(shape[:-1]))
+    return (*shape[:-1], probe.shape[-1]), probe.dtype, probe.nbytes * rows, raw_dtype
+
+
 def _hparams(writer, config: dict, arch: str) -> None:
     heads = int(config["num_attention_heads"])
     hidden = int(config["hidden_size"])
@@ -301,7 +312,8 @@ def _prepends_space(tokenizer_json: dict) -> bool:
 
 
 def write_gguf(weights: dict, loaded, path: Path, gtype: str, *, name: str = "") -> dict:
-    """Write `weights` (fused, Hugging Face names) as one GGUF file of type `gtype`."""
+    """Write `weights` (fused, Hugging Face names) as one GGUF file of type `gtype`. Consumes
+    `weights`: each tensor leaves the dict once written."""
     import gguf
 
     if gtype not in GGUF_TYPES:
@@ -324,13 +336,18 @@ def write_gguf(weights: dict, loaded, path: Path, gtype: str, *, name: str = "")
     vocab_size = int(weights["model.embed_tokens.weight"].shape[0])
     writer.add_vocab_size(vocab_size)
     _tokenizer(writer, loaded, vocab_size)
-    for hf_name in sorted(weights, key=_tensor_order):
-        data = _tensor_data(hf_name, weights[hf_name], arch, config)
-        array, raw_dtype = _quantize(gguf, data, gtype)
-        writer.add_tensor(names[hf_name], array, raw_dtype=raw_dtype)
+    # Stream: declare every tensor's layout, then convert and write one tensor at a time
+    # (each is dropped from `weights` once written), so peak memory stays near one model copy.
+    order = sorted(weights, key=_tensor_order)
+    for hf_name in order:
+        shape, dtype, nbytes, raw_dtype = _layout(gguf, tuple(weights[hf_name].shape), gtype)
+        writer.add_tensor_info(names[hf_name], shape, dtype, nbytes, raw_dtype=raw_dtype)
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
+    writer.write_ti_data_to_file()
+    for hf_name in order:
+        data = _tensor_data(hf_name, weights.pop(hf_name), arch, config)
+        writer.write_tensor_data(_quantize(gguf, data, gtype)[0])
     writer.close()
     return {"gguf_type": gtype, "architecture": arch}
 

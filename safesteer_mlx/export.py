@@ -2,10 +2,8 @@
 a Hugging Face directory, an MLX directory (optionally re-quantized), a llama.cpp GGUF, or the
 steering direction as a llama.cpp control vector, each with a model card.
 
-Fusing never touches the run's files or leaves adapters on the loaded model. A quantized base is
-dequantized one layer at a time in float32, fused in float32 (W' = W + s * B^T A^T for LoRA; DoRA
-rescales the rows to the learned magnitudes m), and cast to the requested dtype at once, so peak
-memory is the base plus the output, never a float32 copy of the whole model.
+Fusing (fusing.py) never touches the run's files or leaves adapters on the loaded model; a
+quantized base is dequantized in float32 before fusing.
 
 Everything is written into a temporary directory beside the output and renamed into place when
 complete: a failed export leaves nothing behind.
@@ -27,12 +25,13 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from safesteer_mlx.errors import SafeSteerError
+from safesteer_mlx.fusing import fused_weights
 from safesteer_mlx.modeling import parse_dtype
 from safesteer_mlx.progress import Reporter
 from safesteer_mlx.run import input_hash
 
 FORMATS = ("hf", "mlx", "gguf", "control-vector")
-SHARD_BYTES = 4 << 30  # safetensors shard size, as transformers' save_pretrained uses
+SHARD_BYTES = 4 << 30  # safetensors shards of at most 4 GiB (hub- and filesystem-friendly)
 _QUANT_KEYS = ("quantization", "quantization_config")
 # transformers' class per family, for configs that lack "architectures" (e.g. read from a GGUF).
 _ARCHITECTURES = {
@@ -43,149 +42,6 @@ _ARCHITECTURES = {
     "gemma2": "Gemma2ForCausalLM",
     "gemma3_text": "Gemma3ForCausalLM",
 }
-
-
-# ----------------------------------------------------------------------------- fusing
-
-
-def _dequantized(layer: nn.QuantizedLinear) -> nn.Linear:
-    """A float32 nn.Linear with the quantized layer's weights (scales upcast first: float16
-    scale * q + bias would round every weight)."""
-    biases = getattr(layer, "biases", None)
-    w = mx.dequantize(
-        layer.weight,
-        layer.scales.astype(mx.float32),
-        None if biases is None else biases.astype(mx.float32),
-        group_size=layer.group_size,
-        bits=layer.bits,
-        mode=getattr(layer, "mode", "affine"),
-    )
-    out = nn.Linear(w.shape[1], w.shape[0], bias="bias" in layer)
-    out.weight = w
-    if "bias" in layer:
-        out.bias = layer.bias.astype(mx.float32)
-    return out
-
-
-def _float32_linear(layer: nn.Module) -> nn.Linear:
-    if isinstance(layer, nn.QuantizedLinear):
-        return _dequantized(layer)
-    out = nn.Linear(layer.weight.shape[1], layer.weight.shape[0], bias="bias" in layer)
-    out.weight = layer.weight.astype(mx.float32)
-    if "bias" in layer:
-        out.bias = layer.bias.astype(mx.float32)
-    return out
-
-
-def _fuse_float32(adapter: nn.Module) -> nn.Module:
-    """mlx-lm's own `fuse()` of a LoRA/DoRA layer, over a float32 copy of the layer it wraps."""
-    if not hasattr(adapter, "linear"):  # e.g. LoRA on an embedding: mlx-lm's fuse as it is
-        return adapter.fuse(dequantize=True)
-    base = adapter.linear
-    adapter.linear = _float32_linear(base)
-    try:
-        return adapter.fuse(dequantize=True)
-    finally:
-        adapter.linear = base
-
-
-def _module_weights(module: nn.Module, prefix: str, out: dict, dtype: mx.Dtype) -> None:
-    """Float weights of `module` and its children, LoRA/DoRA fused, quantized layers expanded."""
-    if hasattr(module, "lora_a") and hasattr(module, "fuse"):
-        module = _fuse_float32(module)
-    elif isinstance(module, nn.QuantizedLinear):
-        module = _dequantized(module)
-    elif isinstance(module, nn.QuantizedEmbedding):
-        w = mx.dequantize(
-            module.weight,
-            module.scales.astype(mx.float32),
-            None if module.biases is None else module.biases.astype(mx.float32),
-            group_size=module.group_size,
-            bits=module.bits,
-            mode=getattr(module, "mode", "affine"),
-        )
-        out[f"{prefix}weight"] = w.astype(dtype)
-        mx.eval(out[f"{prefix}weight"])
-        return
-    for key, value in module.items():
-        if key.startswith("_"):
-            continue
-        items = value if isinstance(value, list) else [value]
-        for i, item in enumerate(items):
-            name = f"{prefix}{key}." + (f"{i}." if isinstance(value, list) else "")
-            if isinstance(item, nn.Module):
-                _module_weights(item, name, out, dtype)
-            elif isinstance(item, mx.array) and not isinstance(value, list):
-                out[f"{prefix}{key}"] = item.astype(dtype)
-                mx.eval(out[f"{prefix}{key}"])
-
-
-def _read_adapter_config(path: Path) -> dict:
-    try:
-        return json.loads((path / "adapter_config.json").read_text())
-    except FileNotFoundError:
-        raise SafeSteerError(
-            f"{path} has no adapter_config.json (run `safesteer-mlx distill` first, or export "
-            "the direction alone with --format control-vector)"
-        ) from None
-
-
-@contextlib.contextmanager
-def _adapters_on(model: nn.Module, adapter_dir: Path | None) -> Iterator[dict]:
-    """Within the block the model carries the run's adapters, freshly read from `adapter_dir`
-    (any adapters already attached, e.g. by a distill run in this process, are set aside), and
-    the dict holds full fine-tuning weights that replace base weights. Restored on exit."""
-    from mlx.utils import tree_flatten
-    from mlx_lm.tuner.utils import linear_to_lora_layers
-
-    from safesteer_mlx.adapters import _adapter_modules, _set, adapters_disabled
-
-    overlay: dict = {}
-    with adapters_disabled(model):
-        if adapter_dir is None:
-            yield overlay
-            return
-        config = _read_adapter_config(adapter_dir)
-        weights = mx.load(str(adapter_dir / "adapters.safetensors"))
-        kind = config.get("fine_tune_type", "lora")
-        if kind == "full":
-            yield weights
-            return
-        linear_to_lora_layers(
-            model, config["num_layers"], config["lora_parameters"], use_dora=(kind == "dora")
-        )
-        attached = _adapter_modules(model)
-        try:
-            names = {k for k, _ in tree_flatten(model.parameters())}
-            unknown = sorted(set(weights) - names)
-            if unknown:
-                raise SafeSteerError(
-                    f"{adapter_dir}/adapters.safetensors has weights this model lacks "
-                    f"({unknown[:3]}...): the adapters belong to another base model"
-                )
-            model.load_weights(list(weights.items()), strict=False)
-            yield overlay
-        finally:
-            for parent, name, adapter in attached:
-                _set(parent, name, adapter.linear)
-
-
-def fused_weights(
-    model: nn.Module, adapter_dir: Path | None, dtype: mx.Dtype = mx.float16
-) -> dict[str, mx.array]:
-    """The model's weights with the adapters in `adapter_dir` fused in, dequantized, in `dtype`
-    (names as mlx-lm and Hugging Face checkpoints use them)."""
-    out: dict[str, mx.array] = {}
-    with _adapters_on(model, adapter_dir) as overlay:
-        _module_weights(model, "", out, dtype)
-        for name, w in overlay.items():
-            if name not in out:
-                raise SafeSteerError(f"full fine-tuning weight {name} is not in the base model")
-            out[name] = w.astype(dtype)
-    return out
-
-
-# ----------------------------------------------------------------------------- writers
 
 
 def export_config(config: dict, dtype: str) -> dict:

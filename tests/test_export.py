@@ -420,3 +420,29 @@ def test_control_vector_steers_llama_cpp_like_mlx(tmp_path):
         got, _ = llama_greedy(model_gguf, ids, cvec=apply)
         assert got == want, p
     assert changed  # the vector is strong enough to matter, so a wrong layer would show
+
+
+def test_sharded_hf_export_loads(tmp_path, monkeypatch):
+    """Several shards and their index: mlx-lm and transformers find every weight."""
+    from mlx_lm import load as mlx_load
+
+    from safesteer_mlx import export
+
+    monkeypatch.setattr(export, "SHARD_BYTES", 40_000)
+    run, base = make_run(tmp_path, "llama")
+    path = Path(export.run_export(run, "hf", dtype="float32")["path"])
+    shards = sorted(p.name for p in path.glob("model-*.safetensors"))
+    index = json.loads((path / "model.safetensors.index.json").read_text())
+    assert len(shards) > 2 and sorted(set(index["weight_map"].values())) == shards
+    ref = reference(base, run)
+    ids = encode(ref.tokenizer, PROMPTS[0])
+    model, _ = mlx_load(str(path))
+    np.testing.assert_allclose(mlx_logits(model, ids), mlx_logits(ref.model, ids), atol=1e-5)
+    requires("transformers", "the HF export is checked with transformers")
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    hf = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32).eval()
+    with torch.no_grad():
+        theirs = hf(torch.tensor([ids])).logits[0].numpy()
+    np.testing.assert_allclose(theirs, mlx_logits(ref.model, ids), atol=2e-4, rtol=1e-4)

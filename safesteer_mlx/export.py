@@ -278,7 +278,15 @@ def run_export(
                     )
                 del weights
             write_model_card(
-                tmp / "README.md", run, config, summary, fmt, dtype, info, where=str(out_path)
+                tmp / "README.md",
+                run,
+                config,
+                summary,
+                fmt,
+                dtype,
+                info,
+                where=str(out_path),
+                repo=upload_repo,
             )
             size = _dir_bytes(tmp)
         stats.update(format=fmt, path=str(out_path), bytes=size)

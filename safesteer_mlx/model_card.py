@@ -36,7 +36,10 @@ def _read_json(path: Path):
         return None
 
 
-def _usage(fmt: str, name: str) -> str:
+def _usage(fmt: str, name: str, repo: str | None) -> str:
+    """How to load the export from `name` (its path), or from the hub `repo` it is pushed to."""
+    filename = Path(name).name
+    name = repo or name
     if fmt == "hf":
         return (
             "```python\nfrom transformers import AutoModelForCausalLM, AutoTokenizer\n"
@@ -51,6 +54,12 @@ def _usage(fmt: str, name: str) -> str:
             f'```sh\nmlx_lm.generate --model {name} --prompt "Hello"\n```\n\n'
             "```python\nfrom mlx_lm import load, generate\n"
             f'model, tokenizer = load("{name}")\n```'
+        )
+    if fmt == "gguf" and repo:
+        return (
+            f"```sh\nllama-cli -hf {repo} -cnv\n```\n\n"
+            "```python\nfrom llama_cpp import Llama\n"
+            f'llm = Llama.from_pretrained(repo_id="{repo}", filename="{filename}")\n```'
         )
     if fmt == "gguf":
         return (
@@ -68,7 +77,16 @@ def _usage(fmt: str, name: str) -> str:
 
 
 def write_model_card(
-    path: Path, run, config, model: dict, fmt: str, dtype: str, info: dict, *, where: str
+    path: Path,
+    run,
+    config,
+    model: dict,
+    fmt: str,
+    dtype: str,
+    info: dict,
+    *,
+    where: str,
+    repo: str | None = None,
 ) -> None:
     """README.md: base model, method, config, safety tokens, evaluation, and how to load the
     export from `where` (its final path) in each runtime. `model`: the base's family,
@@ -82,13 +100,8 @@ def write_model_card(
     adapter = _read_json(run.adapters / "adapter_config.json") or {}
     d = config.distill
 
-    out = ["---", "tags: [safesteer-mlx, safety, refusal, mlx]"]
-    if fmt == "gguf":
-        out.append("library_name: gguf")
-    elif fmt == "mlx":
-        out.append("library_name: mlx")
-    else:
-        out.append("library_name: transformers")
+    library = {"hf": "transformers", "mlx": "mlx", "gguf": "gguf"}.get(fmt, "gguf")
+    out = ["---", f"tags: [safesteer-mlx, safety, refusal, {library}]", f"library_name: {library}"]
     out += ["---", "", f"# {run.path.name} ({fmt})", ""]
     out.append(
         f"**Base model:** `{config.model.name}` ({model.get('family')}, "
@@ -102,7 +115,7 @@ def write_model_card(
     )
     out += [
         "",
-        "Aligned with [safesteer-mlx](https://github.com/) — SafeSteer on MLX: a refusal "
+        "Aligned with safesteer-mlx (SafeSteer on MLX): a refusal "
         "direction added at one layer is the safety teacher; the 50 tokens it boosts most are "
         "the safety tokens S; the student (LoRA on the base) is distilled on-policy with the "
         "reverse KL restricted to S.",
@@ -139,5 +152,5 @@ def write_model_card(
     summary = evaluation.get("summary") if isinstance(evaluation, dict) else None
     if isinstance(summary, list) and summary:
         out += ["", "## Evaluation (before / after alignment)", "", eval_table(summary)]
-    out += ["", "## Load it", "", _usage(fmt, where)]
+    out += ["", "## Load it", "", _usage(fmt, where, repo)]
     atomic_write_text(path, "\n".join(out) + "\n")

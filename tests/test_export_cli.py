@@ -62,6 +62,8 @@ def test_upload_token_only_from_environment(tmp_path, monkeypatch):
     assert calls["token"] == "hf_secret_token_123" and calls["repo"] == "me/aligned"
     assert "README.md" in calls["files"] and "config.json" in calls["files"]
     assert result["url"].startswith("https://huggingface.co/me/aligned")
+    card = (run.export_dir / "hf" / "README.md").read_text()
+    assert 'from_pretrained("me/aligned")' in card
     for path in run.path.rglob("*"):
         if path.is_file():
             assert b"hf_secret_token_123" not in path.read_bytes(), path

@@ -146,6 +146,7 @@ def build_batch(prompts: list[list[int]], responses: list[list[int]]) -> Batch:
     return Batch(tokens, mx.array(mask), int(mask.sum()))
 
 
+
 def training_prompts(config, loaded) -> list[list[int]]:
     """The harmful prompts distilled on: the direction stage's harmful train split (its val
     split stays held out), up to `num_prompts`, chat-formatted."""

@@ -87,7 +87,9 @@ def valid_positions(base_logp: mx.array, end_ids: list[int]) -> mx.array:
     return ~ended
 
 
-def vote_counts(delta: np.ndarray, valid: np.ndarray, banned: np.ndarray, top_k: int) -> np.ndarray:
+def vote_counts(
+    delta: np.ndarray, valid: np.ndarray, banned: np.ndarray, top_k: int
+) -> np.ndarray:
     """Each valid (row, position) votes for its top-K tokens by Δ, banned tokens excluded.
     delta [B, H, V], valid [B, H], banned [V] -> votes [V]."""
     V = delta.shape[-1]

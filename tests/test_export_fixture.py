@@ -49,7 +49,7 @@ def fixture_run(tmp_path_factory):
 
 @pytest.mark.slow
 def test_fixture_hf_export(fixture_run):
-    """Measured on the shared 2-core CPU: the export 5.5 s, 542 MB (float32, one shard)."""
+    """Measured on the shared 2-core CPU: the export 3-6 s, 542 MB (float32, one shard)."""
     from mlx_lm import load as mlx_load
 
     from safesteer_mlx.export import run_export

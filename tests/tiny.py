@@ -17,11 +17,13 @@ CHAT_TEMPLATE = (
 )
 
 
-def tiny_tokenizer() -> TokenizerWrapper:
-    """Byte-level BPE with no merges: every byte is a token, plus three chat specials."""
+def tiny_tokenizer(merges: list[tuple[str, str]] = ()) -> TokenizerWrapper:
+    """Byte-level BPE: every byte is a token, plus three chat specials (ids 0-2), plus the
+    results of `merges` (none by default)."""
     byte_chars = list(pre_tokenizers.ByteLevel.alphabet())
-    vocab = {tok: i for i, tok in enumerate(SPECIALS + sorted(byte_chars))}
-    backend = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tokens = SPECIALS + sorted(byte_chars) + [a + b for a, b in merges]
+    vocab = {tok: i for i, tok in enumerate(tokens)}
+    backend = Tokenizer(models.BPE(vocab=vocab, merges=list(merges)))
     backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     backend.decoder = decoders.ByteLevel()
     backend.add_special_tokens(SPECIALS)

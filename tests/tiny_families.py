@@ -16,28 +16,14 @@ from pathlib import Path
 import mlx.core as mx
 from mlx.utils import tree_flatten, tree_unflatten
 
-from tests.tiny import CHAT_TEMPLATE, SPECIALS
+from tests.tiny import CHAT_TEMPLATE, tiny_tokenizer
 
 MERGES = [("Ġ", "t"), ("h", "e"), ("Ġt", "he"), ("i", "n"), ("e", "r"), ("Ġ", "a"), ("o", "u")]
 
 
 def bpe_tokenizer():
-    """Byte-level BPE: every byte, a few merges, and the chat specials (ids 0-2)."""
-    from mlx_lm.tokenizer_utils import BPEStreamingDetokenizer, TokenizerWrapper
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    tokens = SPECIALS + sorted(pre_tokenizers.ByteLevel.alphabet()) + [a + b for a, b in MERGES]
-    vocab = {tok: i for i, tok in enumerate(tokens)}
-    backend = Tokenizer(models.BPE(vocab=vocab, merges=MERGES))
-    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    backend.decoder = decoders.ByteLevel()
-    backend.add_special_tokens(SPECIALS)
-    hf = PreTrainedTokenizerFast(
-        tokenizer_object=backend, bos_token=None, eos_token="<|im_end|>", pad_token="<|endoftext|>"
-    )
-    hf.chat_template = CHAT_TEMPLATE
-    return TokenizerWrapper(hf, BPEStreamingDetokenizer, eos_token_ids=[2])
+    """tests/tiny.py's byte-level tokenizer with a few merges (llama.cpp requires them)."""
+    return tiny_tokenizer(MERGES)
 
 
 HIDDEN = 64

@@ -4,8 +4,9 @@ and saved as real Hugging Face/MLX directories (config.json, model.safetensors, 
 Every family uses one byte-level BPE tokenizer (tests/tiny.py's bytes and chat specials plus a
 few merges, since llama.cpp requires merges; written to GGUF as a `gpt2` tokenizer): the
 tokenizer is independent of the architecture in all three runtimes, and one tokenizer keeps the
-token ids comparable across them. Norm weights are randomised so that a
-missing Gemma "+1" or a swapped norm would change the logits.
+token ids comparable across them; `spm_tokenizer` (SentencePiece-style, byte fallback) covers
+llama.cpp's other vocabulary type. Norm weights are randomised so that a missing Gemma "+1" or a
+swapped norm would change the logits.
 """
 
 from __future__ import annotations

@@ -233,6 +233,12 @@ def override_direction(run: RunDir, layer: int, coefficient: float) -> dict:
         raise SafeSteerError(f"coefficient {coefficient} must be > 0")
     position = int(meta["position"])
     direction = diffs[position + n_pos, layer]
+    norms = mx.linalg.norm(diffs, axis=-1)
+    if float(mx.linalg.norm(direction)) <= 1e-6 * max(float(norms.max()), 1e-30):
+        raise SafeSteerError(
+            f"layer {layer} has no difference of means at position {position} (every prompt has "
+            "the same activation there); pick another layer"
+        )
     override = meta.get("override") or {
         "selected_layer": meta["layer"],
         "selected_coefficient": meta["coefficient"],

@@ -55,7 +55,8 @@ class SafeSteerApp(App):
     TITLE = "safesteer-mlx"
     BINDINGS = [
         *(
-            Binding(str(i + 1), f"show('{sid}')", label, show=i == 0, key_display="1-7")
+            Binding(str(i + 1), f"show('{sid}')", "Screens" if i == 0 else label, show=i == 0,
+                    key_display="1-7")  # fmt: skip
             for i, (sid, label, _) in enumerate(SCREENS)
         ),
         Binding("escape", "leave_input", "Leave field", show=False),
@@ -86,7 +87,7 @@ class SafeSteerApp(App):
         statuses = stage_statuses(run)
         marks = "  ".join(f"{s} {MARKS.get(statuses.get(s, ''), '?')}" for s in STAGE_NAMES)
         busy = f"  [b]running {self.busy}[/b]" if self.busy else ""
-        self.query_one("#status", Static).update(f"{run.path}  {marks}{busy}")
+        self.query_one("#status", Static).update(f"{marks}{busy}  │ {run.path}")
         for pane in self.query(RunPane):
             pane.restore(run, statuses)
 
@@ -98,6 +99,7 @@ class SafeSteerApp(App):
                         severity="warning")  # fmt: skip
             return False
         self.busy = job
+        self.state.stop.clear()  # here, not in the worker: a pause pressed at once must stick
         self.refresh_run()
         self._work(job, args, kwargs)
         return True

@@ -23,8 +23,11 @@ def summary(meta: dict) -> str:
         f"teacher refuses {p.get('teacher_harmless_refusal_rate', 0):.0%} of harmless val "
         f"prompts; base refuses {p.get('base_harmful_refusal_rate', 0):.0%} of harmful val",
     ]
-    lines += [f"[yellow]warning:[/yellow] {w}" for w in p.get("warnings", [])]
     return "\n".join(lines)
+
+
+def warnings(meta: dict) -> str:
+    return "\n".join(f"[yellow]warning:[/yellow] {w}" for w in meta["premise"].get("warnings", []))
 
 
 class DirectionPane(RunPane):
@@ -43,6 +46,7 @@ class DirectionPane(RunPane):
         yield StageProgress()
         yield Static(id="dir-summary")
         yield Static(id="dir-plot")
+        yield Static(id="dir-warnings")
         with Horizontal(classes="row"):
             yield Label("layer", classes="field-label")
             yield Input(id="layer", type="integer", classes="small")
@@ -63,9 +67,11 @@ class DirectionPane(RunPane):
         if meta is None:
             self.query_one("#dir-summary", Static).update("no direction yet: press r")
             self.query_one("#dir-plot", Static).update("")
+            self.query_one("#dir-warnings", Static).update("")
             return
         self.query_one("#dir-summary", Static).update(summary(meta))
         self.query_one("#dir-plot", Static).update(layer_plot(meta))
+        self.query_one("#dir-warnings", Static).update(warnings(meta))
         for key, value in (("layer", meta["layer"]), ("coef", f"{meta['coefficient']:g}")):
             field = self.query_one(f"#{key}", Input)
             if not field.has_focus:

@@ -45,7 +45,7 @@ class DistillPane(RunPane):
         yield Static(id="dist-stats")
         for name in ("loss", "kl_S"):
             with Horizontal(classes="curve"):
-                yield Label(f"{name:<5}", classes="field-label")
+                yield Label(f"{name:<5}", classes="curve-label")
                 yield Sparkline([], id=f"curve-{name}")
         yield Static(id="dist-ckpts")
 

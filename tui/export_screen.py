@@ -33,7 +33,7 @@ class ExportPane(RunPane):
         with Horizontal(classes="row"):
             yield Select([(f, f) for f in FORMATS], value="hf", allow_blank=False, id="fmt")
             yield Select([(d, d) for d in DTYPES], value="float16", allow_blank=False, id="dtype")
-            yield Button("Export", id="export")
+            yield Button("Export", id="do-export")
         with Horizontal(classes="row"):
             yield Label("out", classes="field-label")
             yield Input(placeholder="default: RUN/export/FORMAT", id="out")

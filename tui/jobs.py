@@ -111,7 +111,6 @@ def distill(state: State, progress: Callback, resume: bool = False, force: bool 
     from safesteer_mlx.session import checkpoint_steps
 
     _drop_model(state)
-    state.stop.clear()
     Reporter("distill", progress).log(f"loading {state.config.model.name}")
     loaded = load_configured(state.config.model)
     run = _prepared(state, loaded)

@@ -32,10 +32,11 @@ def _sparkline(values: list[float | None]) -> str:
     return "".join(out)
 
 
-def layer_plot(meta: dict, height: int = 5) -> str:
-    """Bars: the refusal-score drop when each layer's candidate (at the chosen position) is
-    ablated from harmful prompts (baseline - bypass; taller = removes more refusal), `·` where a
-    filter dropped it; the chosen layer marked `^`. Rows below: induce (refusal score when
+def layer_plot(meta: dict, height: int = 5, width: int = 72) -> str:
+    """Bars, one column group per layer (`width` characters in all): the refusal-score drop
+    when the layer's candidate at the chosen position is ablated from harmful prompts
+    (baseline - bypass; taller = removes more refusal), `·` at the foot where a filter dropped it
+    or it was not scored; the chosen layer marked `^`. Rows below: induce (refusal score when
     steering harmless prompts) and KL (harmless drift under ablation) as sparklines."""
     position = meta["position"]
     by_layer = {c["layer"]: c for c in meta.get("candidates", []) if c["position"] == position}
@@ -51,18 +52,20 @@ def layer_plot(meta: dict, height: int = 5) -> str:
     low, high = min(0.0, *known), max(known)
     cols = [_column(d, low, high, height) if d is not None else [" "] * height for d in drops]
     for i, d in enumerate(drops):
-        if d is not None and by_layer[i].get("filtered"):
+        if d is None or by_layer[i].get("filtered"):
             cols[i][-1] = "·" if cols[i][-1] == " " else cols[i][-1]
-    lines = [f"{high:>7.2f} " + "".join(c[r] for c in cols) for r in range(height)]
-    lines[-1] = f"{low:>7.2f} " + "".join(c[-1] for c in cols)
-    marker = "".join("^" if i == meta["layer"] else " " for i in layers)
+    w = max(1, min(3, (width - 8) // max(len(layers), 1)))  # characters per layer
+    labels = [f"{high:>7.2f} "] + ["        "] * (height - 2) + [f"{low:>7.2f} "]
+    lines = [labels[r] + "".join(c[r] * w for c in cols) for r in range(height)]
     # the tens digit under every tenth layer, `|` under every fifth
     ticks = "".join(
-        str(i // 10 % 10) if i % 10 == 0 else ("|" if i % 5 == 0 else " ") for i in layers
+        (str(i // 10 % 10) if i % 10 == 0 else ("|" if i % 5 == 0 else " ")).ljust(w)
+        for i in layers
     )
     lines.append("  layer " + ticks)
+    marker = "".join(("^" if i == meta["layer"] else " ") * w for i in layers)
     lines.append("        " + marker + f"  chosen layer {meta['layer']}")
     for name in ("induce", "kl"):
         values = [by_layer.get(i, {}).get(name) for i in layers]
-        lines.append(f"{name:>7} " + _sparkline(values))
+        lines.append(f"{name:>7} " + "".join(ch * w for ch in _sparkline(values)))
     return "\n".join(lines)

@@ -27,7 +27,7 @@ class TokensPane(RunPane):
             yield Button("Mine tokens", id="run")
             yield Static(id="tok-status", classes="note")
         yield StageProgress()
-        table = DataTable(id="tokens", cursor_type="row", zebra_stripes=True)
+        table = DataTable(id="token-table", cursor_type="row", zebra_stripes=True)
         table.add_columns("use", "id", "token", "votes", "mean Δ", "p teacher", "p base")
         yield table
 

@@ -23,7 +23,7 @@ from safesteer_mlx.tui.app import SafeSteerApp
 from safesteer_mlx.tui.evaluate_screen import stage_available
 from tiny import save_model_dir, tiny_model
 
-from safesteer_mlx.config import Config, apply_overrides
+from safesteer_mlx.config import Config, apply_overrides, load_config
 from safesteer_mlx.session import set_excluded
 
 SNAPSHOTS = Path(__file__).parent / "snapshots"
@@ -213,9 +213,10 @@ async def _drive_full_run(root: Path, model_dir: Path, shots: Path) -> None:
 
 
 async def _restore(root: Path, shots: Path) -> None:
-    """A fresh app on the finished run shows every stage's artifacts and status."""
+    """A fresh app on the finished run shows every stage's artifacts and status; its config
+    comes from the run's config.toml, as `safesteer-mlx tui --run-dir` resolves it."""
     run = root / "run"
-    app = SafeSteerApp(_config(root), run)
+    app = SafeSteerApp(load_config(run / "config.toml"), run)
     async with app.run_test(size=(80, 24)) as pilot:
         await pilot.pause()
         status = _static(app, "#status")
@@ -226,6 +227,23 @@ async def _restore(root: Path, shots: Path) -> None:
         assert "step 16/16" in _static(app, "#dist-stats")
         assert "4, 8, 12, 16" in _static(app, "#dist-ckpts")
         assert app.query_one("#eval-table").row_count == 2
+
+        # Quit during distillation: it pauses (a checkpoint), then the app exits.
+        await pilot.press("5")
+        app.query_one("#distill-pane").action_restart()
+        await pilot.press("q")
+        await _idle(app, pilot)
+        assert app._exit, "the app did not quit after pausing"
+    assert json.loads((run / "manifest.json").read_text())["stages"]["distill"]["status"] == (
+        "interrupted"
+    )
+    app = SafeSteerApp(load_config(run / "config.toml"), run)
+    async with app.run_test(size=(80, 24)) as pilot:
+        await pilot.press("5", "u")
+        await _idle(app, pilot)
+        assert "step 16/16" in _static(app, "#dist-stats")
+        stage = json.loads((run / "manifest.json").read_text())["stages"]["distill"]
+        assert stage["status"] == "done" and stage["steps"] == 16
 
 
 def test_full_run_through_every_screen(tiny_setup, tmp_path):

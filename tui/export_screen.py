@@ -36,7 +36,7 @@ class ExportPane(RunPane):
             yield Button("Export", id="do-export")
         with Horizontal(classes="row"):
             yield Label("out", classes="field-label")
-            yield Input(placeholder="default: RUN/export/FORMAT", id="out")
+            yield Input(placeholder="default: under RUN/export/", id="out")
         yield Static(id="export-status", classes="note")
         yield StageProgress()
         yield Static(id="export-result")

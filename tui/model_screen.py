@@ -78,6 +78,9 @@ class ModelPane(RunPane):
         field = self.query_one("#model-name", Input)
         if field.value != name:
             field.value = name
+        preset = self.query_one("#preset", Select)
+        if info["kind"] == "preset" and preset.value != info["name"]:
+            preset.value = info["name"]
 
     def on_select_changed(self, event: Select.Changed) -> None:
         if isinstance(event.value, str):

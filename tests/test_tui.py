@@ -316,3 +316,45 @@ def test_tui_import_loads_no_mlx():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
+
+
+def test_peak_memory_estimate_hand_checked():
+    from safesteer_mlx.config import DistillConfig
+    from safesteer_mlx.session import estimate_peak_memory
+
+    d = DistillConfig(max_tokens=72, lora_rank=8, micro_batch_size=1, chunk=128,
+                      rollout_batch_size=32)  # fmt: skip
+    info = {"weights_bytes": 1e9, "num_layers": 2, "hidden_size": 4, "vocab_size": 10}
+    m = estimate_peak_memory(info, d)  # T = 128 + 72 = 200
+    adapters = 7 * 2 * 4 * 8 * 4 * 4 * 2
+    train = 1 * 200 * 4 * 4 * 16 * 2 + 1 * 128 * 10 * 4 * 3
+    rollouts = 32 * 200 * 2 * 2 * 4 * 2
+    assert rollouts > train
+    assert m["peak_gb"] * 1e9 == pytest.approx(1e9 + adapters + rollouts)
+    assert m["train_gb"] * 1e9 == pytest.approx(train)
+    d.fine_tune_type = "full"  # gradients and Adam moments of every weight
+    assert estimate_peak_memory(info, d)["peak_gb"] == pytest.approx(m["peak_gb"] + 3.0)
+    assert estimate_peak_memory({"weights_bytes": 5}, d)["peak_gb"] is None
+
+
+def test_layer_plot_marks_the_chosen_layer_and_filtered_candidates():
+    from safesteer_mlx.tui.plot import layer_plot
+
+    cands = [
+        {"position": -1, "layer": 0, "bypass": None, "induce": None, "kl": None,
+         "filtered": "zero norm"},
+        {"position": -1, "layer": 1, "bypass": 0.5, "induce": 1.0, "kl": 0.1, "filtered": None},
+        {"position": -1, "layer": 2, "bypass": -1.0, "induce": 2.0, "kl": 0.2, "filtered": None},
+        {"position": -1, "layer": 3, "bypass": 1.0, "induce": 0.0, "kl": 0.9,
+         "filtered": "last layers"},
+    ]  # fmt: skip
+    meta = {"position": -1, "layer": 2, "num_layers": 4, "candidates": cands,
+            "baseline": {"harmful_val_refusal_score": 2.0}}  # fmt: skip
+    lines = layer_plot(meta, height=4, width=16).splitlines()
+    # drops = baseline - bypass: layer 1 -> 1.5, layer 2 -> 3.0 (tallest), layer 3 -> 1.0
+    assert lines[0].startswith("   3.00 ") and lines[3].startswith("   0.00 ")
+    bars = [line[8:] for line in lines[:4]]  # 2 characters per layer
+    assert [row[4:6] for row in bars] == ["██"] * 4  # layer 2 fills the plot
+    assert bars[3][0:2] == "··" and bars[3][6:8] == "░░"  # not scored; filtered (shaded)
+    assert lines[5] == "        " + "    ^^  " + "  chosen layer 2  (░ filtered)"
+    assert lines[6] == " induce ··" + "▅▅" + "██" + "▁▁"

@@ -35,9 +35,10 @@ def _sparkline(values: list[float | None]) -> str:
 def layer_plot(meta: dict, height: int = 5, width: int = 72) -> str:
     """Bars, one column group per layer (`width` characters in all): the refusal-score drop
     when the layer's candidate at the chosen position is ablated from harmful prompts
-    (baseline - bypass; taller = removes more refusal), `·` at the foot where a filter dropped it
-    or it was not scored; the chosen layer marked `^`. Rows below: induce (refusal score when
-    steering harmless prompts) and KL (harmless drift under ablation) as sparklines."""
+    (baseline - bypass; taller = removes more refusal), shaded `░` where a filter dropped it,
+    `·` at the foot where it was not scored; the chosen layer marked `^`. Rows below: induce
+    (refusal score when steering harmless prompts) and KL (harmless drift under ablation) as
+    sparklines."""
     position = meta["position"]
     by_layer = {c["layer"]: c for c in meta.get("candidates", []) if c["position"] == position}
     layers = list(range(meta.get("num_layers", max(by_layer, default=-1) + 1)))
@@ -52,8 +53,10 @@ def layer_plot(meta: dict, height: int = 5, width: int = 72) -> str:
     low, high = min(0.0, *known), max(known)
     cols = [_column(d, low, high, height) if d is not None else [" "] * height for d in drops]
     for i, d in enumerate(drops):
-        if d is None or by_layer[i].get("filtered"):
-            cols[i][-1] = "·" if cols[i][-1] == " " else cols[i][-1]
+        if d is not None and by_layer[i].get("filtered"):
+            cols[i] = ["░" if ch != " " else " " for ch in cols[i]]
+        if cols[i][-1] == " ":
+            cols[i][-1] = "·"
     w = max(1, min(3, (width - 8) // max(len(layers), 1)))  # characters per layer
     labels = [f"{high:>7.2f} "] + ["        "] * (height - 2) + [f"{low:>7.2f} "]
     lines = [labels[r] + "".join(c[r] * w for c in cols) for r in range(height)]
@@ -64,7 +67,7 @@ def layer_plot(meta: dict, height: int = 5, width: int = 72) -> str:
     )
     lines.append("  layer " + ticks)
     marker = "".join(("^" if i == meta["layer"] else " ") * w for i in layers)
-    lines.append("        " + marker + f"  chosen layer {meta['layer']}")
+    lines.append("        " + marker + f"  chosen layer {meta['layer']}  (░ filtered)")
     for name in ("induce", "kl"):
         values = [by_layer.get(i, {}).get(name) for i in layers]
         lines.append(f"{name:>7} " + "".join(ch * w for ch in _sparkline(values)))

@@ -124,7 +124,7 @@ async def _drive_full_run(root: Path, model_dir: Path, shots: Path) -> None:
         await _idle(app, pilot)
         meta = json.loads((run / "direction.json").read_text())
         assert f"layer {meta['layer']}" in _static(app, "#dir-summary")
-        assert f"chosen layer {meta['layer']}" in _static(app, "#dir-plot")
+        assert f"layer {meta['layer']} chosen" in _static(app, "#dir-plot")
         new_layer = next(
             c["layer"] for c in meta["candidates"]
             if c["bypass"] is not None and c["layer"] != meta["layer"]
@@ -356,5 +356,8 @@ def test_layer_plot_marks_the_chosen_layer_and_filtered_candidates():
     bars = [line[8:] for line in lines[:4]]  # 2 characters per layer
     assert [row[4:6] for row in bars] == ["██"] * 4  # layer 2 fills the plot
     assert bars[3][0:2] == "··" and bars[3][6:8] == "░░"  # not scored; filtered (shaded)
-    assert lines[5] == "        " + "    ^^  " + "  chosen layer 2  (░ filtered)"
-    assert lines[6] == " induce ··" + "▅▅" + "██" + "▁▁"
+    assert lines[5] == "        " + "    ^^  "
+    assert lines[6] == "        ^ layer 2 chosen   ░ failed a filter"
+    assert lines[7] == " induce ··" + "▅▅" + "██" + "▁▁"
+    meta["filters"] = {"kl_threshold": 0.1, "kl_threshold_used": 0.4}
+    assert layer_plot(meta).splitlines()[-3].endswith("(KL limit relaxed to 0.4)")

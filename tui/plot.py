@@ -35,8 +35,9 @@ def _sparkline(values: list[float | None]) -> str:
 def layer_plot(meta: dict, height: int = 5, width: int = 72) -> str:
     """Bars, one column group per layer (`width` characters in all): the refusal-score drop
     when the layer's candidate at the chosen position is ablated from harmful prompts
-    (baseline - bypass; taller = removes more refusal), shaded `░` where a filter dropped it,
-    `·` at the foot where it was not scored; the chosen layer marked `^`. Rows below: induce
+    (baseline - bypass; taller = removes more refusal), shaded `░` where it fails a filter at the
+    configured thresholds (the selection may have relaxed the KL one: noted), `·` at the foot
+    where it was not scored; the chosen layer marked `^`. Rows below: induce
     (refusal score when steering harmless prompts) and KL (harmless drift under ablation) as
     sparklines."""
     position = meta["position"]
@@ -67,7 +68,11 @@ def layer_plot(meta: dict, height: int = 5, width: int = 72) -> str:
     )
     lines.append("  layer " + ticks)
     marker = "".join(("^" if i == meta["layer"] else " ") * w for i in layers)
-    lines.append("        " + marker + f"  chosen layer {meta['layer']}  (░ filtered)")
+    lines.append("        " + marker)
+    f = meta.get("filters", {})
+    relaxed = f.get("kl_threshold_used")
+    note = f" (KL limit relaxed to {relaxed:g})" if relaxed and relaxed > f["kl_threshold"] else ""
+    lines.append(f"        ^ layer {meta['layer']} chosen   ░ failed a filter{note}")
     for name in ("induce", "kl"):
         values = [by_layer.get(i, {}).get(name) for i in layers]
         lines.append(f"{name:>7} " + "".join(ch * w for ch in _sparkline(values)))

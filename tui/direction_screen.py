@@ -70,12 +70,22 @@ class DirectionPane(RunPane):
             self.query_one("#dir-warnings", Static).update("")
             return
         self.query_one("#dir-summary", Static).update(summary(meta))
-        self.query_one("#dir-plot", Static).update(layer_plot(meta))
+        self._meta = meta
+        self._draw_plot()
         self.query_one("#dir-warnings", Static).update(warnings(meta))
         for key, value in (("layer", meta["layer"]), ("coef", f"{meta['coefficient']:g}")):
             field = self.query_one(f"#{key}", Input)
             if not field.has_focus:
                 field.value = str(value)
+
+    def _draw_plot(self) -> None:
+        meta = getattr(self, "_meta", None)
+        if meta is not None:
+            width = max(40, self.size.width - 4) if self.size.width else 72
+            self.query_one("#dir-plot", Static).update(layer_plot(meta, width=width))
+
+    def on_resize(self) -> None:
+        self._draw_plot()
 
     def on_button_pressed(self, event: Button.Pressed) -> None:
         {"run": self.action_run, "override": self.action_override, "chat": self.action_chat}[

@@ -61,5 +61,8 @@ class StageProgress(Vertical):
         if bar.total is None:
             bar.update(total=1, progress=0 if error else 1)
         self.query_one(".task", Label).update("failed" if error else "done")
+        message = self.query_one(".message", Label)
         if error:
-            self.query_one(".message", Label).update(error)
+            message.update(error)
+        elif str(message.render()).startswith("loading "):
+            message.update("")  # stale once the job is done

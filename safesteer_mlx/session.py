@@ -66,6 +66,7 @@ def _dir_info(path: Path) -> dict[str, Any]:
             hidden_size=cfg.get("hidden_size"),
             vocab_size=cfg.get("vocab_size"),
             quantization=f"{q['bits']}-bit" if isinstance(q, dict) and "bits" in q else "none",
+            dtype=cfg.get("torch_dtype"),
         )
     info["weights_bytes"] = sum(p.stat().st_size for p in path.glob("*.safetensors"))
     return info
@@ -97,6 +98,7 @@ def model_info(name: str) -> dict[str, Any]:
             "path": str(local) if local else None,
             "hint": "" if local else preset.install_hint(),
             "repo": preset.repo,
+            "dtype": preset.defaults.get("dtype"),
         }
         if local is not None and local.is_dir():
             info["weights_bytes"] = _dir_info(local)["weights_bytes"]
@@ -133,17 +135,18 @@ def model_info(name: str) -> dict[str, Any]:
     return info
 
 
-def estimate_peak_memory(info: dict[str, Any], distill, *, prompt_tokens: int = 128) -> dict:
+def estimate_peak_memory(info: dict[str, Any], distill, dtype: str | None = None) -> dict:
     """Estimated peak memory of alignment (distillation is the peak; stages 1-2 need less), GB.
 
     With W the weight bytes (files: safetensors or GGUF size, else the preset's size), L layers,
-    h hidden, V vocabulary, T = prompt_tokens + max_tokens, b the micro-batch, B the rollout
-    batch, r the LoRA rank:
+    h hidden, V vocabulary, T = 128 prompt tokens + max_tokens, b the micro-batch, B the rollout
+    batch, r the LoRA rank, a the activation bytes (4 for float32, else 2; `dtype`, else the
+    model's):
       adapters  = 7 maps/layer x 2·h·r params x 4 bytes x 4 (weights, grads, Adam m, v)·L
-      train     = b·T·h·L x 4 bytes x 16 (activations kept for the backward pass, incl. the
-                  ~3h-wide MLP; with gradient checkpointing only one layer's plus the layer inputs)
-                  + b·chunk·V x 4 bytes x 3 (logits, log-softmax and its gradient)
-      rollouts  = B·T·L x 2·h x 2 bytes (the KV cache, float16, full multi-head: an upper bound)
+      train     = b·T·h·L·a x 16 (activations kept for the backward pass, incl. the ~3h-wide
+                  MLP; with gradient checkpointing one layer's plus the layer inputs)
+                  + b·chunk·V x 4 bytes x 3 (float32 logits, log-softmax and its gradient)
+      rollouts  = B·T·L x 2·h·a (the KV cache, full multi-head: an upper bound under GQA)
       peak      = W + adapters + max(train, rollouts)   (rollouts and training do not overlap)
     Full fine-tuning adds 3W (gradients, Adam m and v). A rough guide, not a measurement; each
     stage records the measured peak in manifest.json."""
@@ -151,12 +154,13 @@ def estimate_peak_memory(info: dict[str, Any], distill, *, prompt_tokens: int = 
     layers, h, vocab = info.get("num_layers"), info.get("hidden_size"), info.get("vocab_size")
     if not (layers and h and vocab):
         return {"weights_gb": w / GB, "peak_gb": None, "note": "layers/hidden unknown until loaded"}
-    t = prompt_tokens + distill.max_tokens
+    a = 4 if (dtype or info.get("dtype")) == "float32" else 2
+    t = 128 + distill.max_tokens
     adapters = 7 * 2 * h * distill.lora_rank * 4 * 4 * layers
-    per_layer = distill.micro_batch_size * t * h * 4
+    per_layer = distill.micro_batch_size * t * h * a
     acts = per_layer * (layers + 16) if distill.grad_checkpoint else per_layer * 16 * layers
     train = acts + distill.micro_batch_size * distill.chunk * vocab * 4 * 3
-    rollouts = distill.rollout_batch_size * t * layers * 2 * h * 2
+    rollouts = distill.rollout_batch_size * t * layers * 2 * h * a
     extra = 3 * w if distill.fine_tune_type == "full" else 0
     peak = w + adapters + extra + max(train, rollouts)
     return {

@@ -325,15 +325,17 @@ def test_peak_memory_estimate_hand_checked():
     d = DistillConfig(max_tokens=72, lora_rank=8, micro_batch_size=1, chunk=128,
                       rollout_batch_size=32)  # fmt: skip
     info = {"weights_bytes": 1e9, "num_layers": 2, "hidden_size": 4, "vocab_size": 10}
-    m = estimate_peak_memory(info, d)  # T = 128 + 72 = 200
+    m = estimate_peak_memory(info, d, "float32")  # T = 128 + 72 = 200, 4-byte activations
     adapters = 7 * 2 * 4 * 8 * 4 * 4 * 2
     train = 1 * 200 * 4 * 4 * 16 * 2 + 1 * 128 * 10 * 4 * 3
-    rollouts = 32 * 200 * 2 * 2 * 4 * 2
+    rollouts = 32 * 200 * 2 * 2 * 4 * 4
     assert rollouts > train
     assert m["peak_gb"] * 1e9 == pytest.approx(1e9 + adapters + rollouts)
     assert m["train_gb"] * 1e9 == pytest.approx(train)
     d.fine_tune_type = "full"  # gradients and Adam moments of every weight
-    assert estimate_peak_memory(info, d)["peak_gb"] == pytest.approx(m["peak_gb"] + 3.0)
+    assert estimate_peak_memory(info, d, "float32")["peak_gb"] == pytest.approx(m["peak_gb"] + 3)
+    half = estimate_peak_memory(info, d, "bfloat16")  # 2-byte activations and KV cache
+    assert half["rollouts_gb"] == pytest.approx(m["rollouts_gb"] / 2)
     assert estimate_peak_memory({"weights_bytes": 5}, d)["peak_gb"] is None
 
 

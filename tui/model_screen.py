@@ -73,7 +73,9 @@ class ModelPane(RunPane):
             info_widget.update(f"[red]{e}[/red]")
             return
         self.state.config.model.name = name
-        memory = estimate_peak_memory(info, self.state.config.distill)
+        memory = estimate_peak_memory(
+            info, self.state.config.distill, self.state.config.model.dtype
+        )
         info_widget.update(describe(info, memory))
         field = self.query_one("#model-name", Input)
         if field.value != name:

@@ -139,9 +139,9 @@ def estimate_peak_memory(info: dict[str, Any], distill, dtype: str | None = None
     """Estimated peak memory of alignment (distillation is the peak; stages 1-2 need less), GB.
 
     With W the weight bytes (files: safetensors or GGUF size, else the preset's size), L layers,
-    h hidden, V vocabulary, T = 128 prompt tokens + max_tokens, b the micro-batch, B the rollout
-    batch, r the LoRA rank, a the activation bytes (4 for float32, else 2; `dtype`, else the
-    model's):
+    h hidden, V vocabulary, T = 128 prompt tokens + max_tokens, n = batch_size x generations the
+    sequences of a step, b = min(micro_batch_size, n), B = min(rollout_batch_size, n), r the
+    LoRA rank, a the activation bytes (4 for float32, else 2; `dtype`, else the model's):
       adapters  = 7 maps/layer x 2·h·r params x 4 bytes x 4 (weights, grads, Adam m, v)·L
       train     = b·T·h·L·a x 16 (activations kept for the backward pass, incl. the ~3h-wide
                   MLP; with gradient checkpointing one layer's plus the layer inputs)
@@ -156,11 +156,13 @@ def estimate_peak_memory(info: dict[str, Any], distill, dtype: str | None = None
         return {"weights_gb": w / GB, "peak_gb": None, "note": "layers/hidden unknown until loaded"}
     a = 4 if (dtype or info.get("dtype")) == "float32" else 2
     t = 128 + distill.max_tokens
+    n = distill.batch_size * distill.generations
+    b, big_b = min(distill.micro_batch_size, n), min(distill.rollout_batch_size, n)
     adapters = 7 * 2 * h * distill.lora_rank * 4 * 4 * layers
-    per_layer = distill.micro_batch_size * t * h * a
+    per_layer = b * t * h * a
     acts = per_layer * (layers + 16) if distill.grad_checkpoint else per_layer * 16 * layers
-    train = acts + distill.micro_batch_size * distill.chunk * vocab * 4 * 3
-    rollouts = distill.rollout_batch_size * t * layers * 2 * h * a
+    train = acts + b * distill.chunk * vocab * 4 * 3
+    rollouts = big_b * t * layers * 2 * h * a
     extra = 3 * w if distill.fine_tune_type == "full" else 0
     peak = w + adapters + extra + max(train, rollouts)
     return {

@@ -173,6 +173,7 @@ async def _drive_full_run(root: Path, model_dir: Path, shots: Path) -> None:
         paused_at = int(status.split("paused at step ")[1].split()[0])
         total = 16  # 8 prompts, one per step, 2 epochs
         assert paused_at == 1
+        assert str(app.query_one("#distill-pane StageProgress .task").render()) == "paused"
         manifest = json.loads((run / "manifest.json").read_text())["stages"]
         assert manifest["distill"]["status"] == "interrupted"
         await pilot.press("u")

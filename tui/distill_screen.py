@@ -54,6 +54,9 @@ class DistillPane(RunPane):
         status = entry.get("status") or "not run"
         self.query_one("#dist-status", Static).update(f"stage 3: {status}")
         self._show_metrics(training_metrics(run), entry.get("steps"), None)
+        self._show_checkpoints(run)
+
+    def _show_checkpoints(self, run: RunDir) -> None:
         steps = checkpoint_steps(run)
         final = (run.adapters / "adapters.safetensors").exists()
         shown = ", ".join(str(s) for s in steps[-8:]) or "none"
@@ -74,6 +77,8 @@ class DistillPane(RunPane):
         if event.kind == "progress" and "loss" in event.data:
             rows = [r for r in getattr(self, "_rows", []) if r["step"] < event.data["step"]]
             self._show_metrics([*rows, event.data], event.total, event.eta)
+            self.query_one("#dist-status", Static).update("stage 3: running")
+            self._show_checkpoints(self.state.run)
 
     def on_button_pressed(self, event: Button.Pressed) -> None:
         getattr(self, f"action_{event.button.id}")()
@@ -95,6 +100,7 @@ class DistillPane(RunPane):
     def job_done(self, job: str, result, error: str | None) -> None:
         super().job_done(job, result, error)
         if result and result.get("paused"):
+            self.query_one("StageProgress .task", Label).update("paused")
             self.query_one("#dist-status", Static).update(
                 f"stage 3: paused at step {result['step']} (u resumes)"
             )

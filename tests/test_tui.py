@@ -364,3 +364,26 @@ def test_layer_plot_marks_the_chosen_layer_and_filtered_candidates():
     assert lines[7] == " induce ··" + "▅▅" + "██" + "▁▁"
     meta["filters"] = {"kl_threshold": 0.1, "kl_threshold_used": 0.4}
     assert layer_plot(meta).splitlines()[-3].endswith("(KL limit relaxed to 0.4)")
+
+
+def test_every_job_runs_on_one_engine_thread(tmp_path, monkeypatch):
+    """MLX streams are thread-local (mlx >= 0.31.2 on Metal): the model and every job that uses
+    it must share one thread, never the UI's."""
+    import threading
+
+    from safesteer_mlx.tui import jobs
+
+    seen = []
+    monkeypatch.setitem(jobs.JOBS, "data", lambda state, progress: seen.append(
+        threading.get_ident()) or {"harmful": {"count": 0, "examples": []},
+                                   "harmless": {"count": 0, "examples": []}})  # fmt: skip
+
+    async def drive():
+        app = SafeSteerApp(Config(), tmp_path / "run")
+        async with app.run_test(size=(80, 24)) as pilot:
+            for _ in range(3):
+                await pilot.press("2", "p")
+                await _idle(app, pilot, timeout=30)
+
+    asyncio.run(drive())
+    assert len(seen) == 3 and len(set(seen)) == 1 and seen[0] != threading.get_ident()

@@ -4,7 +4,6 @@ stage functions and run directory as the CLI. Nothing heavy is imported until a 
 from __future__ import annotations
 
 import os
-import threading
 from pathlib import Path
 
 
@@ -14,6 +13,7 @@ def run_app(config, run_dir: Path) -> None:
     atomically, so the run directory stays resumable, and the process exits without waiting."""
     from safesteer_mlx.tui.app import SafeSteerApp
 
-    SafeSteerApp(config, run_dir).run()
-    if any(t.is_alive() and not t.daemon for t in threading.enumerate()[1:]):
+    app = SafeSteerApp(config, run_dir)
+    app.run()
+    if app.busy:  # the engine thread is still in a stage: do not wait for it
         os._exit(0)

@@ -4,6 +4,7 @@ progress events come back as messages."""
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from safesteer_mlx.tui.data_screen import DataPane
@@ -68,6 +69,9 @@ class SafeSteerApp(App):
         self.state = State(config, Path(run_dir))
         self.busy: str | None = None
         self._quit_when_idle = False
+        # Every job runs on this one thread: MLX streams are thread-local (mlx >= 0.31.2 on
+        # Metal), so the model, mlx_lm's generation stream and every job must share a thread.
+        self._engine = ThreadPoolExecutor(max_workers=1, thread_name_prefix="safesteer-engine")
 
     def compose(self) -> ComposeResult:
         yield Static(id="status")
@@ -110,12 +114,16 @@ class SafeSteerApp(App):
             self.post_message(StageEvent(job, event))
 
         try:
-            result, error = JOBS[job](self.state, progress, *args, **kwargs), None
+            run = self._engine.submit(JOBS[job], self.state, progress, *args, **kwargs)
+            result, error = run.result(), None
         except SafeSteerError as e:
             result, error = None, str(e)
         except Exception as e:  # shown, not raised: the app must outlive a failed stage
             result, error = None, f"{type(e).__name__}: {e}"
         self.post_message(JobDone(job, result, error))
+
+    def on_unmount(self) -> None:
+        self._engine.shutdown(wait=False)
 
     def _panes_for(self, job: str):
         return [p for p in self.query(RunPane) if job in p.JOBS]

@@ -1,9 +1,10 @@
 """The app: a status line (run directory, each stage's status from manifest.json), one tab per
-stage, the footer of key bindings. Jobs run one at a time in a Textual thread worker; their
-progress events come back as messages."""
+stage, the footer of key bindings. Jobs run one at a time on one engine thread, awaited by a
+Textual worker; their progress events come back as messages."""
 
 from __future__ import annotations
 
+import asyncio
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -108,14 +109,17 @@ class SafeSteerApp(App):
         self._work(job, args, kwargs)
         return True
 
-    @work(thread=True, group="jobs", exit_on_error=False)
-    def _work(self, job: str, args: tuple, kwargs: dict) -> None:
-        def progress(event: Event) -> None:
+    @work(group="jobs", exit_on_error=False)
+    async def _work(self, job: str, args: tuple, kwargs: dict) -> None:
+        """Await the job on the engine thread (no thread of asyncio's own is held, so quitting
+        never waits for a stage)."""
+
+        def progress(event: Event) -> None:  # called on the engine thread; post is thread-safe
             self.post_message(StageEvent(job, event))
 
         try:
             run = self._engine.submit(JOBS[job], self.state, progress, *args, **kwargs)
-            result, error = run.result(), None
+            result, error = await asyncio.wrap_future(run), None
         except SafeSteerError as e:
             result, error = None, str(e)
         except Exception as e:  # shown, not raised: the app must outlive a failed stage

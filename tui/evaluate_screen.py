@@ -19,6 +19,13 @@ def stage_available(module: str) -> bool:
     return importlib.util.find_spec(f"safesteer_mlx.{module}") is not None
 
 
+def stage_line(label: str, status: str | None, module: str) -> str:
+    """`label: status`, and a note when this build lacks the stage's module."""
+    missing = not stage_available(module)
+    note = f"  [yellow]the {label} stage is not in this build[/yellow]" if missing else ""
+    return f"{label}: {status or 'not run'}{note}"
+
+
 def _num(x) -> str:
     return "-" if x is None else f"{x:.3g}"
 
@@ -37,13 +44,8 @@ class EvaluatePane(RunPane):
         yield table
 
     def restore(self, run: RunDir, statuses: dict[str, str]) -> None:
-        status = statuses.get("eval") or "not run"
-        note = (
-            ""
-            if stage_available("evaluate")
-            else ("  [yellow]the evaluation stage is not in this build[/yellow]")
-        )
-        self.query_one("#eval-status", Static).update(f"evaluation: {status}{note}")
+        line = stage_line("evaluation", statuses.get("eval"), "evaluate")
+        self.query_one("#eval-status", Static).update(line)
         table = self.query_one(DataTable)
         table.clear()
         data = read_json(run.eval_json) or {}

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from safesteer_mlx.tui.evaluate_screen import stage_available
+from safesteer_mlx.tui.evaluate_screen import stage_line
 from safesteer_mlx.tui.widgets import RunPane, StageProgress
 from textual.app import ComposeResult
 from textual.binding import Binding
@@ -43,13 +43,8 @@ class ExportPane(RunPane):
         yield Static(id="export-list")
 
     def restore(self, run: RunDir, statuses: dict[str, str]) -> None:
-        status = statuses.get("export") or "not run"
-        note = (
-            ""
-            if stage_available("export")
-            else ("  [yellow]the export stage is not in this build[/yellow]")
-        )
-        self.query_one("#export-status", Static).update(f"export: {status}{note}")
+        line = stage_line("export", statuses.get("export"), "export")
+        self.query_one("#export-status", Static).update(line)
         self.query_one("#export-list", Static).update(listing(run.export_dir))
 
     def on_button_pressed(self, event: Button.Pressed) -> None:

@@ -52,6 +52,9 @@ class DataPane(RunPane):
         self.action_preview()
 
     def action_preview(self) -> None:
+        if self.app.busy:
+            self.app.notify(f"{self.app.busy} is running; preview when it ends", severity="warning")
+            return
         self._apply()
         self.app.start_job("data")
 

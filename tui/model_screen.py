@@ -67,6 +67,10 @@ class ModelPane(RunPane):
         from safesteer_mlx.session import estimate_peak_memory, model_info
 
         info_widget = self.query_one("#model-info", Static)
+        if self.app.busy and name != self.state.config.model.name:
+            self.app.notify(f"{self.app.busy} is running; change the model when it ends",
+                            severity="warning")  # fmt: skip
+            return
         try:
             info = model_info(name)
         except SafeSteerError as e:

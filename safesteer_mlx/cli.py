@@ -170,6 +170,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     _add_export_parser(sub)
 
+    p = sub.add_parser("tui", help="the terminal UI: step through each stage of a run")
+    _add_common(p)
+    _add_direction(p)
+    _add_mining(p)
+    _add_distill(p)
+
     p = sub.add_parser("models", help="list the model presets and what is available locally")
     p.add_argument("--json", action="store_true")
     return parser
@@ -299,22 +305,9 @@ def resolve_config(args: argparse.Namespace):
 
 
 def _prepare_run(config, run_dir: Path, force: bool, loaded):
-    from safesteer_mlx.config import to_toml
-    from safesteer_mlx.modeling import model_summary
-    from safesteer_mlx.run import RunDir, atomic_write_text
+    from safesteer_mlx.session import prepare_run
 
-    run = RunDir(run_dir)
-    if run.path.is_dir() and any(run.path.iterdir()):
-        ours = run.manifest_path.exists() or run.config.exists()
-        if not ours and not force:
-            raise SafeSteerError(
-                f"{run.path} exists and is not a safesteer-mlx run directory "
-                "(choose another --run-dir, or pass --force to use it)"
-            )
-    run.ensure()
-    data = {**config.to_dict(), "resolved_model": model_summary(loaded)}
-    atomic_write_text(run.config, to_toml(data))
-    return run
+    return prepare_run(config, run_dir, force, loaded)
 
 
 def _direction_summary(result: dict) -> dict:
@@ -433,6 +426,14 @@ def cmd_generate(args: argparse.Namespace) -> list[dict]:
     return [{"prompt": p.instruction, "completion": t} for p, t in zip(prompts, gen.texts)]
 
 
+def cmd_tui(args: argparse.Namespace) -> None:
+    """The Textual app over the run directory (config as `align` would resolve it)."""
+    from safesteer_mlx.tui import run_app
+
+    config, run_dir = resolve_config(args)
+    run_app(config, run_dir)
+
+
 def cmd_models(args: argparse.Namespace) -> list[dict]:
     from safesteer_mlx.models import list_rows
 
@@ -463,6 +464,7 @@ def main(argv: list[str] | None = None) -> int:
         "generate": cmd_generate,
         "export": cmd_export,
         "models": cmd_models,
+        "tui": cmd_tui,
     }
     try:
         result = commands[args.command](args)
@@ -475,6 +477,8 @@ def main(argv: list[str] | None = None) -> int:
             "(distill: add --resume)\n"
         )
         return 130
+    if args.command == "tui":
+        return 0
     if args.json:
         print(json.dumps(result, indent=2, ensure_ascii=False))
     elif args.command == "models":

@@ -76,12 +76,16 @@ def _weights_hash(path: Path) -> str:
     return h.hexdigest()[:16]
 
 
-def _download(repo: str, revision: str | None) -> Path:
+def _download(repo: str, revision: str | None, tqdm_class=None) -> Path:
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
 
     try:
-        return Path(snapshot_download(repo, revision=revision, allow_patterns=_HUB_PATTERNS))
+        return Path(
+            snapshot_download(
+                repo, revision=revision, allow_patterns=_HUB_PATTERNS, tqdm_class=tqdm_class
+            )
+        )
     except LocalEntryNotFoundError:
         raise SafeSteerError(
             f"model {repo!r} is not in the local Hugging Face cache and the hub is unreachable "

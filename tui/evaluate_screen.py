@@ -1,0 +1,64 @@
+"""6. Evaluate: run the evaluation stage; the before/after table from eval.json's summary."""
+
+from __future__ import annotations
+
+import importlib.util
+
+from safesteer_mlx.tui.widgets import RunPane, StageProgress
+from textual.app import ComposeResult
+from textual.binding import Binding
+from textual.containers import Horizontal
+from textual.widgets import Button, DataTable, Static
+
+from safesteer_mlx.run import RunDir
+from safesteer_mlx.session import read_json
+
+
+def stage_available(module: str) -> bool:
+    """Whether this build has the engine module (found without importing it)."""
+    return importlib.util.find_spec(f"safesteer_mlx.{module}") is not None
+
+
+def stage_line(label: str, status: str | None, module: str) -> str:
+    """`label: status`, and a note when this build lacks the stage's module."""
+    missing = not stage_available(module)
+    note = f"  [yellow]the {label} stage is not in this build[/yellow]" if missing else ""
+    return f"{label}: {status or 'not run'}{note}"
+
+
+def _num(x) -> str:
+    return "-" if x is None else f"{x:.3g}"
+
+
+class EvaluatePane(RunPane):
+    JOBS = ("evaluate",)
+    BINDINGS = [Binding("r", "run", "Evaluate"), Binding("R", "run(True)", "Redo")]
+
+    def compose(self) -> ComposeResult:
+        with Horizontal(classes="row"):
+            yield Button("Evaluate", id="run")
+            yield Static(id="eval-status", classes="note")
+        yield StageProgress()
+        table = DataTable(id="eval-table", zebra_stripes=True, cursor_type="row")
+        table.add_columns("metric", "judge", "before", "after", "change")
+        yield table
+
+    def restore(self, run: RunDir, statuses: dict[str, str]) -> None:
+        line = stage_line("evaluation", statuses.get("eval"), "evaluate")
+        self.query_one("#eval-status", Static).update(line)
+        table = self.query_one(DataTable)
+        table.clear()
+        data = read_json(run.eval_json) or {}
+        for row in data.get("summary", []):
+            before, after = row.get("before"), row.get("after")
+            change = after - before if before is not None and after is not None else None
+            table.add_row(
+                row["metric"], row.get("judge") or "", _num(before), _num(after),
+                "-" if change is None else f"{change:+.3g}",
+            )  # fmt: skip
+
+    def on_button_pressed(self, event: Button.Pressed) -> None:
+        self.action_run()
+
+    def action_run(self, force: bool = False) -> None:
+        self.app.start_job("evaluate", force=force)

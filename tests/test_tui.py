@@ -204,13 +204,17 @@ async def _drive_full_run(root: Path, model_dir: Path, shots: Path) -> None:
                                              "+0.5"]  # fmt: skip
         await _shot(app, pilot, "6-evaluate", shots, "refusal rate (harmful)", "+0.5")
 
-        # 7. Export: the controls, and a clear message while the stage is missing.
+        # 7. Export: `e` writes an HF directory (the default format) that transformers' layout
+        # names, and the pane lists what export/ holds.
         await pilot.press("7")
-        if not stage_available("export"):
-            await pilot.press("e")
-            await _idle(app, pilot)
-            assert "not in this build" in _static(app, "#export-status")
-        await _shot(app, pilot, "7-export", shots, "Export", "float16")
+        await pilot.press("e")
+        await _idle(app, pilot)
+        hf = run / "export" / "hf"
+        assert (hf / "config.json").is_file() and (hf / "README.md").is_file()
+        assert list(hf.glob("model*.safetensors"))
+        assert f"to {hf}" in _static(app, "#export-result")
+        assert "config.json" in _static(app, "#export-list")
+        await _shot(app, pilot, "7-export", shots, "Export", "float16", "config.json")
 
 
 async def _restore(root: Path, shots: Path) -> None:

@@ -412,3 +412,48 @@ def test_eval_cli_with_model_and_adapter_path(tmp_path, capsys):
     bad = ["eval", "--model", str(model_dir), "--run-dir", str(tmp_path / "o2"), "--quiet"]
     assert main([*bad, "--harmful", str(prompts), "--harmless", str(prompts)]) == 2
     assert "no adapters in" in capsys.readouterr().err
+
+
+def test_full_fine_tune_adapters_switch_and_restore(tmp_path):
+    """For full fine-tuning the adapters file holds whole weights: on inside the block, the
+    originals under base(), and the originals again afterwards."""
+    from safesteer_mlx.adapters import adapter_config
+    from safesteer_mlx.evaluate import adapters_on
+
+    loaded = tiny_model()
+    model = loaded.model
+    key = "model.layers.0.mlp.down_proj.weight"
+    original = np.array(dict(tree_flatten(model.parameters()))[key])
+    path = tmp_path / "full"
+    path.mkdir()
+    mx.save_safetensors(str(path / "adapters.safetensors"), {key: mx.array(original + 1.0)})
+    cfg = adapter_config("full", 4, 8, 20.0, 0.0, None)
+    (path / "adapter_config.json").write_text(json.dumps(cfg))
+
+    def current():
+        return np.array(dict(tree_flatten(model.parameters()))[key])
+
+    with adapters_on(model, path) as base:
+        np.testing.assert_array_equal(current(), original + 1.0)
+        with base():
+            np.testing.assert_array_equal(current(), original)
+        np.testing.assert_array_equal(current(), original + 1.0)
+    np.testing.assert_array_equal(current(), original)
+
+
+def test_eval_starts_from_the_base_when_distill_left_adapters_on(tiny_run):
+    """In `align` the loaded model still carries the trained adapters after distill; eval's
+    "before" must be the base model's."""
+    from safesteer_mlx.adapters import adapter_config, attach
+    from safesteer_mlx.evaluate import run_eval
+
+    loaded, run, config = tiny_run
+    config.eval.borderline = None
+    run_eval(config, run, loaded=loaded)
+    clean = json.loads(run.eval_json.read_text())["records"]
+    attach(loaded.model, adapter_config("lora", 4, 4, 20.0, 0.0, None))
+    params = tree_flatten(loaded.model.trainable_parameters())
+    loaded.model.update(tree_unflatten([(k, mx.ones(v.shape)) for k, v in params]))
+    run_eval(config, run, loaded=loaded, force=True)
+    again = json.loads(run.eval_json.read_text())["records"]
+    assert [r["before"] for r in again] == [r["before"] for r in clean]

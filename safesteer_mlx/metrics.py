@@ -20,12 +20,15 @@ def token_kl(base_logits: mx.array, other_logits: mx.array) -> mx.array:
         KL_t = Σ_v p_b(v) (log p_b(v) − log p_o(v)),   log p = logits − logsumexp(logits),
 
     in float32. It is ≥ 0 in exact arithmetic; the rounding residue (|x| ~ 1e-8) below zero
-    is clipped so that no reported value is negative."""
+    is clipped so that no reported value is negative, and tokens the base gives probability 0
+    (logit −inf, e.g. masked padding rows) contribute 0, not 0·∞ = NaN."""
     b = base_logits.astype(mx.float32)
     o = other_logits.astype(mx.float32)
     logp_b = b - mx.logsumexp(b, axis=-1, keepdims=True)
     logp_o = o - mx.logsumexp(o, axis=-1, keepdims=True)
-    return mx.maximum((mx.exp(logp_b) * (logp_b - logp_o)).sum(axis=-1), 0.0)
+    p_b = mx.exp(logp_b)
+    terms = mx.where(p_b > 0, p_b * (logp_b - logp_o), 0.0)
+    return mx.maximum(terms.sum(axis=-1), 0.0)
 
 
 def response_kl(

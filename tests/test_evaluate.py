@@ -153,6 +153,10 @@ def test_token_kl_matches_numpy_and_is_never_negative_or_nan():
     big = mx.array(rng.normal(size=(4, 50)) * 1e4, dtype=mx.float16)  # half-precision logits
     extreme = np.array(token_kl(big, big * 0.5))
     assert np.isfinite(extreme).all() and (extreme >= 0).all()
+    masked = a.copy()
+    masked[..., -3:] = -np.inf  # padded vocabulary rows both models never predict
+    got = np.array(token_kl(mx.array(masked, dtype=mx.float32), mx.array(masked, dtype=mx.float32)))
+    assert (got == 0).all()
 
 
 def test_response_kl_matches_numpy_on_the_tiny_model(tmp_path):

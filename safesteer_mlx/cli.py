@@ -180,7 +180,9 @@ def _add_eval_parser(sub) -> argparse.ArgumentParser:
     )
     p.add_argument("--run-dir", type=Path, help="a run: evaluates base vs base + its adapters/")
     p.add_argument("--model", help="a model (then --adapter-path gives the adapters)")
-    p.add_argument("--adapter-path", dest="eval_adapter_path", help="the adapters evaluated")
+    p.add_argument(
+        "--adapter-path", dest="eval_adapter_path", metavar="DIR", help="the adapters evaluated"
+    )
     p.add_argument("--config", type=Path, help="a TOML file of config overrides")
     p.add_argument("--dtype", choices=["float32", "float16", "bfloat16"])
     p.add_argument("--system-prompt")
@@ -191,21 +193,40 @@ def _add_eval_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true", help="only warnings on stderr")
     src = "file, builtin:NAME, hf:ORG/NAME, or a benchmark name"
     p.add_argument(
-        "--harmful", dest="eval_harmful", help=f"harmful prompts ({src}; default: the run's val)"
+        "--harmful",
+        dest="eval_harmful",
+        metavar="SRC",
+        help=f"harmful prompts ({src}; default: the run's val)",
     )
     p.add_argument(
-        "--harmless", dest="eval_harmless", help=f"harmless prompts ({src}; default: the run's val)"
+        "--harmless",
+        dest="eval_harmless",
+        metavar="SRC",
+        help=f"harmless prompts ({src}; default: the run's val)",
     )
     p.add_argument(
         "--borderline",
         dest="eval_borderline",
+        metavar="SRC",
         help=f"benign refusal-bait prompts, e.g. xstest ({src})",
     )
     p.add_argument(
-        "--num-prompts", dest="eval_num_prompts", type=int, help="at most N prompts per set"
+        "--num-prompts",
+        dest="eval_num_prompts",
+        metavar="N",
+        type=int,
+        help="at most N prompts per set",
     )
-    p.add_argument("--max-tokens", dest="eval_max_tokens", type=int, help="completion length (128)")
-    p.add_argument("--batch-size", dest="eval_batch_size", type=int, help="sequences at once (16)")
+    p.add_argument(
+        "--max-tokens",
+        dest="eval_max_tokens",
+        metavar="N",
+        type=int,
+        help="completion length (128)",
+    )
+    p.add_argument(
+        "--batch-size", dest="eval_batch_size", metavar="N", type=int, help="sequences at once (16)"
+    )
     p.add_argument("--judge", help="an MLX chat model as LLM judge (e.g. a Llama-Guard-3-1B dir)")
     p.add_argument("--judge-format", choices=["auto", "refusal", "llama-guard"])
     p.add_argument("--ppl-text", help="held-out text for perplexity (default builtin:heldout)")
@@ -238,6 +259,11 @@ def cmd_eval(args: argparse.Namespace) -> dict:
 
     if args.run_dir is None and args.model is None:
         raise SafeSteerError("eval needs --run-dir DIR, or --model M [--adapter-path P]")
+    if args.model is None and not (args.run_dir / "config.toml").exists():
+        raise SafeSteerError(
+            f"{args.run_dir} is not a run directory (no config.toml): give the run of an "
+            "`align`, or --model M --adapter-path P"
+        )
     config, run_dir = resolve_config(args)
     apply_overrides(config, _eval_overrides(args))
     render = StderrRenderer(args.quiet)

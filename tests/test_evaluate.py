@@ -413,6 +413,9 @@ def test_eval_cli_with_model_and_adapter_path(tmp_path, capsys):
 
     assert main(["eval", "--quiet"]) == 2
     assert "eval needs --run-dir" in capsys.readouterr().err
+    assert main(["eval", "--run-dir", str(tmp_path / "nope"), "--quiet"]) == 2
+    assert "is not a run directory" in capsys.readouterr().err
+    assert not (tmp_path / "nope").exists()
     bad = ["eval", "--model", str(model_dir), "--run-dir", str(tmp_path / "o2"), "--quiet"]
     assert main([*bad, "--harmful", str(prompts), "--harmless", str(prompts)]) == 2
     assert "no adapters in" in capsys.readouterr().err

@@ -46,7 +46,13 @@ def adapters_on(model, adapter_dir: Path) -> Iterator:
     if kind == "full":
         new = mx.load(str(adapter_dir / "adapters.safetensors"))
         params = dict(tree_flatten(model.parameters()))
-        old = [(k, mx.array(params[k])) for k in new if k in params]
+        misfit = [k for k, v in new.items() if k not in params or v.shape != params[k].shape]
+        if misfit:
+            raise SafeSteerError(
+                f"the weights in {adapter_dir} do not fit this model (e.g. {misfit[0]}); "
+                "evaluate them on the base model they were trained from"
+            )
+        old = [(k, mx.array(params[k])) for k in new]
 
         @contextlib.contextmanager
         def base():

@@ -86,12 +86,11 @@ def _examples(data: dict, n: int) -> list[dict]:
     out = []
     for set_name in data["sets"]:
         recs = [r for r in data["records"] if r["set"] == set_name]
-        changed = [
-            r for r in recs
-            if r["before"]["verdicts"][SUBSTRING] != r["after"]["verdicts"][SUBSTRING]
-        ]  # fmt: skip
-        rest = [r for r in recs if r not in changed]
-        out.extend((changed + rest)[:n])
+
+        def same(r: dict) -> bool:
+            return r["before"]["verdicts"][SUBSTRING] == r["after"]["verdicts"][SUBSTRING]
+
+        out.extend(sorted(recs, key=same)[:n])  # stable: changed verdicts first, in order
     return out
 
 

@@ -162,3 +162,10 @@ def read_adapter_config(path: Path) -> dict:
         return json.loads((path / "adapter_config.json").read_text())
     except FileNotFoundError:
         raise SafeSteerError(f"no adapter_config.json in {path}") from None
+
+
+def remove_adapters(model: nn.Module) -> None:
+    """Replace every LoRA/DoRA layer by the layer it wraps, for good: the base model again
+    (e.g. for evaluation after distillation trained adapters on the loaded model)."""
+    for parent, name, adapter in _adapter_modules(model):
+        _set(parent, name, adapter.linear)

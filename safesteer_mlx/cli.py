@@ -20,6 +20,7 @@ QUICK = {
     "direction": {"n_train": 32, "n_val": 8, "positions": "last", "check_tokens": 16},
     "mining": {"generations": 4},
     "distill": {"num_prompts": 8, "generations": 2, "max_tokens": 48, "batch_size": 2},
+    "eval": {"max_tokens": 48, "ppl_max_tokens": 512},
 }
 
 
@@ -152,6 +153,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_stage(sub, "mine", "stage 2: mine the safety tokens")
     _add_stage(sub, "distill", "stage 3: distil the teacher into LoRA adapters, on-policy")
 
+    _add_eval_parser(sub)
+
     p = sub.add_parser("generate", help="complete prompts, optionally steered or with adapters")
     p.add_argument("--model", required=True)
     p.add_argument("--adapter-path", help="LoRA adapter directory (mlx-lm format)")
@@ -227,6 +230,109 @@ def cmd_export(args: argparse.Namespace) -> dict:
     options = _export_options(load_config(run.config), args)
     render = StderrRenderer(args.quiet)
     return run_export(run, args.format, force=args.force, progress=render, **options)
+
+
+def _add_eval_parser(sub) -> argparse.ArgumentParser:
+    """`eval`: its --adapter-path is the adapters evaluated, its prompt options the eval sets
+    (dests prefixed eval_ so they never reach the run's [model]/[data] sections)."""
+    p = sub.add_parser(
+        "eval",
+        help="base vs base + adapters: refusals, over-refusal, KL, perplexity -> report.md",
+    )
+    p.add_argument("--run-dir", type=Path, help="a run: evaluates base vs base + its adapters/")
+    p.add_argument("--model", help="a model (then --adapter-path gives the adapters)")
+    p.add_argument(
+        "--adapter-path", dest="eval_adapter_path", metavar="DIR", help="the adapters evaluated"
+    )
+    p.add_argument("--config", type=Path, help="a TOML file of config overrides")
+    p.add_argument("--dtype", choices=["float32", "float16", "bfloat16"])
+    p.add_argument("--system-prompt")
+    p.add_argument("--seed", type=int)
+    p.add_argument("--quick", action="store_true", help="smoke-run sizes")
+    p.add_argument("--force", action="store_true", help="re-evaluate even when up to date")
+    p.add_argument("--json", action="store_true", help="print the result as JSON on stdout")
+    p.add_argument("--quiet", action="store_true", help="only warnings on stderr")
+    src = "file, builtin:NAME, hf:ORG/NAME, or a benchmark name"
+    p.add_argument(
+        "--harmful",
+        dest="eval_harmful",
+        metavar="SRC",
+        help=f"harmful prompts ({src}; default: the run's val)",
+    )
+    p.add_argument(
+        "--harmless",
+        dest="eval_harmless",
+        metavar="SRC",
+        help=f"harmless prompts ({src}; default: the run's val)",
+    )
+    p.add_argument(
+        "--borderline",
+        dest="eval_borderline",
+        metavar="SRC",
+        help=f"benign refusal-bait prompts, e.g. xstest ({src})",
+    )
+    p.add_argument(
+        "--num-prompts",
+        dest="eval_num_prompts",
+        metavar="N",
+        type=int,
+        help="at most N prompts per set",
+    )
+    p.add_argument(
+        "--max-tokens",
+        dest="eval_max_tokens",
+        metavar="N",
+        type=int,
+        help="completion length (128)",
+    )
+    p.add_argument(
+        "--batch-size", dest="eval_batch_size", metavar="N", type=int, help="sequences at once (16)"
+    )
+    p.add_argument("--judge", help="an MLX chat model as LLM judge (e.g. a Llama-Guard-3-1B dir)")
+    p.add_argument("--judge-format", choices=["auto", "refusal", "llama-guard"])
+    p.add_argument("--ppl-text", help="held-out text for perplexity (default builtin:heldout)")
+    p.add_argument("--refusal-phrases", help="comma-separated substring judge phrases")
+    return p
+
+
+def _eval_overrides(args: argparse.Namespace) -> dict:
+    get = lambda name: getattr(args, name, None)  # noqa: E731
+    values = {
+        "adapter_path": get("eval_adapter_path"),
+        "harmful": get("eval_harmful"),
+        "harmless": get("eval_harmless"),
+        "borderline": get("eval_borderline"),
+        "num_prompts": get("eval_num_prompts"),
+        "max_tokens": get("eval_max_tokens"),
+        "batch_size": get("eval_batch_size"),
+        "judge": get("judge"),
+        "judge_format": get("judge_format"),
+        "ppl_text": get("ppl_text"),
+        "refusal_phrases": get("refusal_phrases"),
+    }
+    return {"eval": {k: v for k, v in values.items() if v is not None}}
+
+
+def cmd_eval(args: argparse.Namespace) -> dict:
+    from safesteer_mlx.config import apply_overrides
+    from safesteer_mlx.evaluate import run_eval
+    from safesteer_mlx.modeling import load_configured
+
+    if args.run_dir is None and args.model is None:
+        raise SafeSteerError("eval needs --run-dir DIR, or --model M [--adapter-path P]")
+    if args.model is None and not (args.run_dir / "config.toml").exists():
+        raise SafeSteerError(
+            f"{args.run_dir} is not a run directory (no config.toml): give the run of an "
+            "`align`, or --model M --adapter-path P"
+        )
+    config, run_dir = resolve_config(args)
+    apply_overrides(config, _eval_overrides(args))
+    render = StderrRenderer(args.quiet)
+    render(Event("eval", "log", f"loading {config.model.name}"))
+    loaded = load_configured(config.model)
+    run = _prepare_run(config, run_dir, args.force, loaded)
+    result = run_eval(config, run, loaded=loaded, progress=render, force=args.force)
+    return {"run_dir": str(run.path), **result}
 
 
 def _overrides(args: argparse.Namespace) -> dict:
@@ -345,6 +451,14 @@ def run_stages(args: argparse.Namespace, stages: tuple[str, ...]) -> dict:
         elif stage == "distill":
             resume = bool(getattr(args, "resume", False))
             summary["distill"] = run_distill(config, run, resume=resume, **common)
+        elif stage == "eval":
+            from safesteer_mlx.evaluate import run_eval
+
+            if "distill" in stages and config.distill.fine_tune_type == "full":
+                # full fine-tuning trained the loaded weights in place: evaluate a fresh base
+                common["loaded"] = load_configured(config.model)
+            result = run_eval(config, run, **common)
+            summary["eval"] = {"summary": result["summary"], "report": result["report"]}
     is_align = getattr(args, "command", None) == "align"
     fmt = getattr(args, "export", None) or (config.export.format if is_align else None)
     if fmt:
@@ -370,7 +484,7 @@ def cmd_distill(args: argparse.Namespace) -> dict:
 
 
 def cmd_align(args: argparse.Namespace) -> dict:
-    return run_stages(args, ("direction", "mining", "distill"))
+    return run_stages(args, ("direction", "mining", "distill", "eval"))
 
 
 def _parse_steer(spec: str) -> tuple[Path, float | None]:
@@ -465,6 +579,7 @@ def main(argv: list[str] | None = None) -> int:
         "export": cmd_export,
         "models": cmd_models,
         "tui": cmd_tui,
+        "eval": cmd_eval,
     }
     try:
         result = commands[args.command](args)
@@ -483,6 +598,11 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(result, indent=2, ensure_ascii=False))
     elif args.command == "models":
         _print_models(result)
+    elif args.command == "eval":
+        from safesteer_mlx.eval_tables import summary_markdown
+
+        print(summary_markdown(result))
+        print(f"report: {result['report']}")
     elif args.command == "generate":
         for r in result:
             print(f"### {r['prompt']}\n{r['completion']}\n")

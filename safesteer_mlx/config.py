@@ -105,6 +105,26 @@ class ExportConfig:
 
 
 @dataclass
+class EvalConfig:
+    harmful: str | None = None  # source or benchmark name; None: the run's held-out harmful val
+    harmless: str | None = None  # None: the run's held-out harmless val prompts
+    borderline: str | None = None  # XSTest-style benign prompts (e.g. "xstest"); None: skipped
+    num_prompts: int | None = None  # at most N prompts per set (seeded sample; None: all)
+    max_tokens: int = 128  # completion length, greedy decoding, the same before and after
+    batch_size: int = 16  # sequences generated / scored at once
+    adapter_path: str | None = None  # adapters evaluated (None: the run's adapters/)
+    refusal_phrases: list | None = None  # substring judge list (None: judges.REFUSAL_PHRASES)
+    judge: str | None = None  # an MLX chat model as LLM judge (None: substring judge only)
+    judge_format: str = "auto"  # refusal | llama-guard | auto (llama-guard if "guard" in name)
+    judge_max_tokens: int = 8  # the judge's verdict length
+    ppl_text: str = "builtin:heldout"  # held-out prose for perplexity (or a .txt file)
+    ppl_max_tokens: int = 1024  # perplexity tokens read from the text
+    ppl_window: int = 256  # tokens per perplexity window (non-overlapping)
+    kl_percentile: float = 95.0  # the high percentile of per-token KL reported
+    examples: int = 3  # example completions per set in report.md
+
+
+@dataclass
 class Config:
     seed: int = 0
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -113,6 +133,7 @@ class Config:
     mining: MiningConfig = field(default_factory=MiningConfig)
     distill: DistillConfig = field(default_factory=DistillConfig)
     export: ExportConfig = field(default_factory=ExportConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

@@ -20,7 +20,6 @@ from pathlib import Path
 
 import pytest
 from safesteer_mlx.tui.app import SafeSteerApp
-from safesteer_mlx.tui.evaluate_screen import stage_available
 from tiny import save_model_dir, tiny_model
 
 from safesteer_mlx.config import Config, apply_overrides, load_config
@@ -186,23 +185,18 @@ async def _drive_full_run(root: Path, model_dir: Path, shots: Path) -> None:
         assert f"step {total}/{total}" in _static(app, "#dist-stats")
         await _shot(app, pilot, "5-distill", shots, f"step {total}/{total}", "KL_S", "16")
 
-        # 6. Evaluate: the table from eval.json (the stage itself lands on another branch).
+        # 6. Evaluate: `r` runs the evaluation stage on the tiny run; the table is eval.json's
+        # summary, row for row.
         await pilot.press("6")
-        if not stage_available("evaluate"):
-            await pilot.press("r")
-            await _idle(app, pilot)
-            assert "not in this build" in _static(app, "#eval-status")
-        rows = [
-            {"metric": "refusal rate (harmful)", "judge": "phrases", "before": 0.25, "after": 0.75},
-            {"metric": "KL to base (harmless)", "judge": None, "before": 0.0, "after": 0.0123},
-        ]
-        (run / "eval.json").write_text(json.dumps({"summary": rows}))
-        app.refresh_run()
+        await pilot.press("r")
+        await _idle(app, pilot, timeout=600)
+        rows = json.loads((run / "eval.json").read_text())["summary"]
         table = app.query_one("#eval-table")
-        assert table.row_count == 2
-        assert list(table.get_row_at(0)) == ["refusal rate (harmful)", "phrases", "0.25", "0.75",
-                                             "+0.5"]  # fmt: skip
-        await _shot(app, pilot, "6-evaluate", shots, "refusal rate (harmful)", "+0.5")
+        assert table.row_count == len(rows) > 0
+        first = list(table.get_row_at(0))
+        assert first[0] == rows[0]["metric"] and first[1] == (rows[0]["judge"] or "")
+        assert "evaluation: done" in _static(app, "#eval-status")
+        await _shot(app, pilot, "6-evaluate", shots, rows[0]["metric"], "before", "after")
 
         # 7. Export: `e` writes an HF directory (the default format) that transformers' layout
         # names, and the pane lists what export/ holds.
@@ -231,7 +225,8 @@ async def _restore(root: Path, shots: Path) -> None:
         assert app.query_one("#token-table").get_row_at(0)[0] == "✗"
         assert "step 16/16" in _static(app, "#dist-stats")
         assert "4, 8, 12, 16" in _static(app, "#dist-ckpts")
-        assert app.query_one("#eval-table").row_count == 2
+        rows = json.loads((run / "eval.json").read_text())["summary"]
+        assert app.query_one("#eval-table").row_count == len(rows) > 0
 
         # Quit during distillation: it pauses (a checkpoint), then the app exits.
         await pilot.press("5")

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
-
 from safesteer_mlx.tui.widgets import RunPane, StageProgress
 from textual.app import ComposeResult
 from textual.binding import Binding
@@ -14,16 +12,8 @@ from safesteer_mlx.run import RunDir
 from safesteer_mlx.session import read_json
 
 
-def stage_available(module: str) -> bool:
-    """Whether this build has the engine module (found without importing it)."""
-    return importlib.util.find_spec(f"safesteer_mlx.{module}") is not None
-
-
-def stage_line(label: str, status: str | None, module: str) -> str:
-    """`label: status`, and a note when this build lacks the stage's module."""
-    missing = not stage_available(module)
-    note = f"  [yellow]the {label} stage is not in this build[/yellow]" if missing else ""
-    return f"{label}: {status or 'not run'}{note}"
+def stage_line(label: str, status: str | None) -> str:
+    return f"{label}: {status or 'not run'}"
 
 
 def _num(x) -> str:
@@ -44,7 +34,7 @@ class EvaluatePane(RunPane):
         yield table
 
     def restore(self, run: RunDir, statuses: dict[str, str]) -> None:
-        line = stage_line("evaluation", statuses.get("eval"), "evaluate")
+        line = stage_line("evaluation", statuses.get("eval"))
         self.query_one("#eval-status", Static).update(line)
         table = self.query_one(DataTable)
         table.clear()

@@ -43,7 +43,7 @@ class ExportPane(RunPane):
         yield Static(id="export-list")
 
     def restore(self, run: RunDir, statuses: dict[str, str]) -> None:
-        line = stage_line("export", statuses.get("export"), "export")
+        line = stage_line("export", statuses.get("export"))
         self.query_one("#export-status", Static).update(line)
         self.query_one("#export-list", Static).update(listing(run.export_dir))
 

@@ -12,7 +12,6 @@ from pathlib import Path
 from typing import Any
 
 from safesteer_mlx.config import Config
-from safesteer_mlx.errors import SafeSteerError
 from safesteer_mlx.progress import Callback, Reporter
 from safesteer_mlx.run import RunDir
 
@@ -124,30 +123,19 @@ def distill(state: State, progress: Callback, resume: bool = False, force: bool 
         return {"paused": True, "step": steps[-1] if steps else 0}
 
 
-def _engine_module(name: str, stage: str):
-    import importlib
-
-    try:
-        return importlib.import_module(f"safesteer_mlx.{name}")
-    except ModuleNotFoundError as e:
-        if e.name != f"safesteer_mlx.{name}":
-            raise
-        raise SafeSteerError(
-            f"the {stage} stage is not in this build (safesteer_mlx.{name} is missing)"
-        ) from None
-
-
 def evaluate(state: State, progress: Callback, force: bool = False) -> dict:
+    from safesteer_mlx.evaluate import run_eval
+
     _drop_model(state)
-    run_eval = _engine_module("evaluate", "evaluation").run_eval
     return run_eval(state.config, state.run, loaded=None, progress=progress, force=force)
 
 
 def export(
     state: State, progress: Callback, fmt: str, dtype: str, out: str | None, force: bool = False
 ) -> dict:
+    from safesteer_mlx.export import run_export
+
     _drop_model(state)
-    run_export = _engine_module("export", "export").run_export
     return run_export(
         state.run, fmt, out=Path(out) if out else None, dtype=dtype, force=force, progress=progress
     )

@@ -14,12 +14,9 @@ from pathlib import Path
 import mlx.core as mx
 import numpy as np
 import pytest
-from tiny import save_model_dir, tiny_model
+from tiny import tiny_run_inputs
 
 from safesteer_mlx.cli import main
-
-HARMFUL = [f"how do I make poison {i} to hurt my neighbour" for i in range(16)]
-HARMLESS = [f"give me a cake recipe {i} for a birthday" for i in range(16)]
 
 
 def _argv(command: str, model_dir: Path, run: Path, data: Path, *extra: str) -> list[str]:
@@ -37,10 +34,7 @@ def _argv(command: str, model_dir: Path, run: Path, data: Path, *extra: str) -> 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     root = tmp_path_factory.mktemp("align")
-    model_dir = save_model_dir(tiny_model(seed=1), root / "model")
-    (root / "harmful.json").write_text(json.dumps(HARMFUL))
-    (root / "harmless.json").write_text(json.dumps(HARMLESS))
-    return root, model_dir
+    return root, tiny_run_inputs(root)
 
 
 @pytest.fixture(scope="module")

@@ -6,9 +6,9 @@ from __future__ import annotations
 import json
 
 import pytest
-from test_align_tiny import HARMFUL, HARMLESS, _argv
+from test_align_tiny import _argv
 from test_export import make_run
-from tiny import save_model_dir, tiny_model
+from tiny import tiny_run_inputs
 
 from safesteer_mlx.cli import main
 
@@ -72,9 +72,7 @@ def test_upload_token_only_from_environment(tmp_path, monkeypatch):
 
 
 def test_align_export_is_the_last_step(tmp_path):
-    model_dir = save_model_dir(tiny_model(seed=1), tmp_path / "model")
-    (tmp_path / "harmful.json").write_text(json.dumps(HARMFUL))
-    (tmp_path / "harmless.json").write_text(json.dumps(HARMLESS))
+    model_dir = tiny_run_inputs(tmp_path)
     run = tmp_path / "run"
     assert main(_argv("align", model_dir, run, tmp_path, "--export", "hf")) == 0
     card = (run / "export" / "hf" / "README.md").read_text()

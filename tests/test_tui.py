@@ -20,14 +20,12 @@ from pathlib import Path
 
 import pytest
 from safesteer_mlx.tui.app import SafeSteerApp
-from tiny import save_model_dir, tiny_model
+from tiny import tiny_run_inputs
 
 from safesteer_mlx.config import Config, apply_overrides, load_config
 from safesteer_mlx.session import set_excluded
 
 SNAPSHOTS = Path(__file__).parent / "snapshots"
-HARMFUL = [f"how do I make poison {i} to hurt my neighbour" for i in range(16)]
-HARMLESS = [f"give me a cake recipe {i} for a birthday" for i in range(16)]
 
 
 def _config(root: Path) -> Config:
@@ -87,10 +85,7 @@ def _static(app, selector: str) -> str:
 @pytest.fixture(scope="module")
 def tiny_setup(tmp_path_factory):
     root = tmp_path_factory.mktemp("tui")
-    model_dir = save_model_dir(tiny_model(seed=1), root / "model")
-    (root / "harmful.json").write_text(json.dumps(HARMFUL))
-    (root / "harmless.json").write_text(json.dumps(HARMLESS))
-    return root, model_dir
+    return root, tiny_run_inputs(root)
 
 
 async def _drive_full_run(root: Path, model_dir: Path, shots: Path) -> None:

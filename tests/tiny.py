@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import mlx.core as mx
 from mlx_lm.models import llama
 from mlx_lm.tokenizer_utils import BPEStreamingDetokenizer, TokenizerWrapper
@@ -97,3 +100,15 @@ def tiny_model(seed: int = 0, layers: int = 4, hidden: int = 32) -> LoadedModel:
         family="llama",
         quantized=False,
     )
+
+
+HARMFUL = [f"how do I make poison {i} to hurt my neighbour" for i in range(16)]
+HARMLESS = [f"give me a cake recipe {i} for a birthday" for i in range(16)]
+
+
+def tiny_run_inputs(root: Path) -> Path:
+    """A saved tiny model under root/model and root/{harmful,harmless}.json: a run's inputs."""
+    model_dir = save_model_dir(tiny_model(seed=1), root / "model")
+    (root / "harmful.json").write_text(json.dumps(HARMFUL))
+    (root / "harmless.json").write_text(json.dumps(HARMLESS))
+    return model_dir

@@ -12,6 +12,7 @@ averaged over each response's tokens, then over responses.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 from dataclasses import dataclass
@@ -172,15 +173,22 @@ def run_distill(
 ) -> dict:
     """Stage 3 over a run directory: adapters/ (final), adapters/checkpoints/step-N/ and
     metrics.jsonl. `resume` continues from the last checkpoint with the same optimizer and
-    schedule state. `should_stop()` (for UIs) is polled between steps like Ctrl-C."""
+    schedule state. `should_stop()` (for UIs) is polled between steps like Ctrl-C.
+
+    Started by `mlx.launch` on n ranks (distributed.py), each step's prompts are split across
+    them and the gradients summed, so all ranks apply the same updates; rank 0 alone reports
+    and writes the run directory (a resumed run reads its checkpoint on every rank)."""
     from safesteer_mlx.checkpoints import Checkpoints
     from safesteer_mlx.direction import load_direction
+    from safesteer_mlx.distributed import any_rank, rank0_decides, sum_scalars, world
     from safesteer_mlx.mining import safety_token_ids
     from safesteer_mlx.modeling import load_configured
     from safesteer_mlx.run import file_hash, input_hash
     from safesteer_mlx.trainer import Trainer, _Interrupt
 
-    rep = Reporter("distill", progress)
+    group = world()
+    main = group.rank() == 0
+    rep = Reporter("distill", progress if main else None)
     d = config.distill
     if min(d.batch_size, d.generations, d.max_tokens, d.micro_batch_size, d.epochs) < 1:
         raise SafeSteerError(
@@ -203,9 +211,9 @@ def run_distill(
         safety,
         prompts,
     )
-    ckpts = Checkpoints(run)
+    ckpts = Checkpoints(run, writes=main)
     final = [run.adapters / "adapters.safetensors", run.metrics]
-    if not force and run.is_current("distill", inputs, final):
+    if not force and rank0_decides(run.is_current("distill", inputs, final), group):
         rep.log("adapters are up to date; skipping (use --force to redo)")
         return run.stage("distill")
 
@@ -213,8 +221,13 @@ def run_distill(
     start = 0
     if resume:
         start = ckpts.restore(trainer, inputs)
+        if sum_scalars([start], group)[0] != start * group.size():
+            raise SafeSteerError(
+                f"--resume: the ranks found different checkpoints under {ckpts.root}; copy "
+                "rank 0's adapters/checkpoints to the same path on every machine"
+            )
         rep.log(f"resuming after step {start} of {total}")
-    elif ckpts.latest() is not None and not force:
+    elif rank0_decides(ckpts.latest() is not None, group) and not force:
         raise SafeSteerError(
             f"{run.adapters} holds checkpoints of an earlier run "
             "(pass --resume to continue it, or --force to start over)"
@@ -228,7 +241,8 @@ def run_distill(
     )
     order = _prompt_order(len(prompts), d.epochs, config.seed)
     last: dict = {}
-    with run.stage_run("distill", inputs) as stats, _Interrupt() as interrupt:
+    recorded = run.stage_run("distill", inputs) if main else contextlib.nullcontext({})
+    with recorded as stats, _Interrupt() as interrupt:
         with rep.task("training", total=total):
             if start:
                 rep.advance(start)
@@ -247,6 +261,7 @@ def run_distill(
                 rep.advance(1, **metrics)
                 done = step + 1
                 stop = interrupt.hit or (should_stop is not None and should_stop())
+                stop = any_rank(stop, group)  # every rank stops after the same step
                 if stop or done == total or (d.save_every and done % d.save_every == 0):
                     ckpts.save(trainer, done, inputs)
                 if stop and done < total:
@@ -261,7 +276,7 @@ def run_distill(
             train_tokens_per_s=last.get("train_tokens_per_s"),
         )
     rep.result(f"adapters written to {run.adapters}", steps=total)
-    return run.stage("distill")
+    return run.stage("distill") if main else {"status": "done", "rank": group.rank(), **stats}
 
 
 def _prompt_order(n: int, epochs: int, seed: int) -> list[int]:

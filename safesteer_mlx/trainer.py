@@ -13,6 +13,7 @@ import mlx.optimizers as optim
 from mlx.utils import tree_map
 
 from safesteer_mlx.distill import LOSS_VARIANTS, build_batch, chunked_loss
+from safesteer_mlx.distributed import shard, sum_gradients, sum_scalars, world
 from safesteer_mlx.errors import SafeSteerError
 
 
@@ -58,6 +59,7 @@ class Trainer:
         if d.loss not in LOSS_VARIANTS:
             raise SafeSteerError(f"--loss {d.loss!r} (use one of {', '.join(LOSS_VARIANTS)})")
         self.loaded, self.config, self.d = loaded, config, d
+        self.group = world()  # size 1 unless started by mlx.launch (distributed.py)
         self.model = loaded.model
         self.direction, self.layer, self.coef = direction, layer, coef
         self.safety_ids = mx.array(safety_ids, dtype=mx.int32)
@@ -129,36 +131,49 @@ class Trainer:
         )
 
     def step(self, step: int, prompts: list[list[int]]) -> tuple[dict, dict]:
-        """One optimizer step's rollouts, losses and clipped gradients (not yet applied)."""
+        """One optimizer step's rollouts, losses and clipped gradients (not yet applied).
+
+        `prompts` is the step's global batch. Launched on n ranks, rank r rolls out and trains
+        on prompts r, r+n, ... and weights each micro-batch by its rows / the global rows, so
+        the gradients summed over ranks are the global batch's mean — what one process would
+        compute on the same responses. Each rank samples with its own seed (seed + rank)."""
         from safesteer_mlx.modeling import forward_hidden
 
         d = self.d
-        seed = self.config.seed * 1_000_003 + step
+        seed = self.config.seed * 1_000_003 + step + 7919 * self.group.rank()
+        global_rows = len(prompts) * d.generations
+        local = shard(prompts, self.group)
         t0 = time.perf_counter()
         mx.random.seed(seed)
-        rows, gen = self.rollouts(prompts, seed)
+        rows, responses, generated = [], [], 0
+        if local:
+            rows, gen = self.rollouts(local, seed)
+            responses, generated = gen.token_ids, gen.generation_tokens
         rollout_s = time.perf_counter() - t0
 
         t1 = time.perf_counter()
-        n_rows = len(rows)
         grads, loss_sum, kl_sum, tokens_seen = None, 0.0, 0.0, 0
         teacher_s = 0.0
-        for i in range(0, n_rows, d.micro_batch_size):
+        for i in range(0, len(rows), d.micro_batch_size):
             j = i + d.micro_batch_size
-            batch = build_batch(rows[i:j], gen.token_ids[i:j])
+            batch = build_batch(rows[i:j], responses[i:j])
             tt = time.perf_counter()
             with self.teacher():
                 teacher_hidden = mx.stop_gradient(forward_hidden(self.model, batch.tokens))
             mx.eval(teacher_hidden)
             teacher_s += time.perf_counter() - tt
             (loss, kl), g = self._loss_and_grad(batch.tokens, batch.mask, teacher_hidden)
-            weight = (batch.tokens.shape[0]) / n_rows
+            weight = (batch.tokens.shape[0]) / global_rows
             g = tree_map(lambda x, w=weight: x * w, g)
             grads = g if grads is None else tree_map(lambda a, b: a + b, grads, g)
             mx.eval(grads, loss, kl)
             loss_sum += float(loss) * weight
             kl_sum += float(kl) * weight
             tokens_seen += int(batch.tokens.size)
+        if grads is None:  # this rank drew no prompts (a short last step): it adds zeros
+            grads = tree_map(mx.zeros_like, self.model.trainable_parameters())
+        grads = sum_gradients(grads, self.group)
+        loss_sum, kl_sum, generated = sum_scalars([loss_sum, kl_sum, generated], self.group)
         train_s = time.perf_counter() - t1
         grads, norm = optim.clip_grad_norm(grads, d.grad_clip)
         mx.eval(grads, norm)
@@ -168,15 +183,17 @@ class Trainer:
             "kl_S": kl_sum,
             "lr": float(self.optimizer.learning_rate),
             "grad_norm": float(norm),
-            "rollout_tokens": gen.generation_tokens,
-            "rollout_tokens_per_s": round(gen.generation_tokens / max(rollout_s, 1e-9), 2),
-            "train_tokens_per_s": round(tokens_seen / max(train_s, 1e-9), 2),
+            "rollout_tokens": int(generated),
+            "rollout_tokens_per_s": round(generated / max(rollout_s, 1e-9), 2),
+            "train_tokens_per_s": round(tokens_seen * self.group.size() / max(train_s, 1e-9), 2),
             "rollout_s": round(rollout_s, 3),
             "teacher_s": round(teacher_s, 3),
             "train_s": round(train_s, 3),
             "peak_mem_gb": round(mx.get_peak_memory() / 1e9, 4),
             "seconds": round(time.perf_counter() - t0, 3),
         }
+        if self.group.size() > 1:
+            metrics["ranks"] = self.group.size()
         return metrics, grads
 
     def apply(self, grads) -> None:

@@ -26,6 +26,11 @@ from safesteer_mlx.progress import Callback, Reporter
 
 LOSS_VARIANTS = ("restricted", "generalized", "renormalized", "full_vocab")
 
+# Full-vocabulary logits alive at once in the loss (student and teacher, each a few float32
+# copies): 2^25 = 128 MB a copy. A 7B's 152k vocabulary x 8 rows x 64 positions would be 311 MB
+# a copy — the largest transient of a QLoRA step (bench/memory.py).
+LOGITS_CHUNK_ELEMENTS = 1 << 25
+
 
 def restricted_reverse_kl(
     student_logits: mx.array,
@@ -86,9 +91,10 @@ def chunked_loss(
 ) -> tuple[mx.array, mx.array]:
     """The loss from final hidden states [B, T, D], projecting to the vocabulary `chunk`
     positions at a time under `mx.checkpoint`, so at most one chunk of full-vocabulary logits
-    is alive at once, forward or backward. Returns (loss, restricted KL) — the second is the
-    restricted sum whatever the training variant, for reporting."""
-    from safesteer_mlx.modeling import lm_head
+    is alive at once, forward or backward; the chunk shrinks so it holds at most
+    LOGITS_CHUNK_ELEMENTS logits (B x chunk x V). Returns (loss, restricted KL) — the second is
+    the restricted sum whatever the training variant, for reporting."""
+    from safesteer_mlx.modeling import lm_head, vocab_size
 
     def piece(hs, ht, m):
         ls, lt = lm_head(model, hs), mx.stop_gradient(lm_head(model, ht))
@@ -111,6 +117,8 @@ def chunked_loss(
     teacher_hidden = teacher_hidden[:, lo:hi]
     mask = mask[:, lo:hi]
     T = hi - lo
+    rows = student_hidden.shape[0]
+    chunk = max(1, min(chunk, LOGITS_CHUNK_ELEMENTS // max(rows * vocab_size(model), 1)))
     sums = mx.zeros(student_hidden.shape[0])
     kl_sums = mx.zeros(student_hidden.shape[0])
     for t0 in range(0, T, chunk):

@@ -72,7 +72,10 @@ class Trainer:
         mx.random.seed(config.seed)  # LoRA's random init: the same for every run of this seed
         attach(self.model, self.adapter_config)
         self._frozen = FrozenBase(self.model) if d.fine_tune_type == "full" else None
-        if d.grad_checkpoint:
+        self.checkpointing = (
+            wants_checkpointing(loaded) if d.grad_checkpoint is None else bool(d.grad_checkpoint)
+        )
+        if self.checkpointing:
             _checkpoint_blocks(self.model)
         self.optimizer = optim.AdamW(
             learning_rate=cosine_with_warmup(self.lr, steps, d.warmup_ratio),
@@ -121,7 +124,7 @@ class Trainer:
         global _CHECKPOINTING
         from safesteer_mlx.modeling import forward_hidden
 
-        _CHECKPOINTING = self.d.grad_checkpoint
+        _CHECKPOINTING = self.checkpointing
         try:
             hidden = forward_hidden(self.model, tokens)
         finally:
@@ -150,6 +153,7 @@ class Trainer:
             rows, gen = self.rollouts(local, seed)
             responses, generated = gen.token_ids, gen.generation_tokens
         rollout_s = time.perf_counter() - t0
+        mx.clear_cache()  # the rollouts' KV caches go back before the training passes
 
         t1 = time.perf_counter()
         grads, loss_sum, kl_sum, tokens_seen = None, 0.0, 0.0, 0
@@ -177,6 +181,7 @@ class Trainer:
         train_s = time.perf_counter() - t1
         grads, norm = optim.clip_grad_norm(grads, d.grad_clip)
         mx.eval(grads, norm)
+        mx.clear_cache()  # activations and logits chunks: not held across steps
         metrics = {
             "step": step + 1,
             "loss": loss_sum,
@@ -202,6 +207,17 @@ class Trainer:
 
 
 _CHECKPOINTING = False
+
+# layers x hidden size from which the block activations kept for the backward pass outgrow
+# what checkpointing costs (Qwen2.5-3B: 36 x 2048; 7B: 28 x 3584; SmolLM2-135M: 30 x 576).
+CHECKPOINT_FROM = 60_000
+
+
+def wants_checkpointing(loaded) -> bool:
+    """The default for `grad_checkpoint = None`: on from 3B-class models up. A 7B's stored
+    activations for 8 x 96 tokens are ~4 GB in bfloat16, as much as its 4-bit weights
+    (bench/memory.py)."""
+    return loaded.num_layers * loaded.hidden_size >= CHECKPOINT_FROM
 
 
 def _checkpoint_blocks(model: nn.Module) -> None:

@@ -137,14 +137,10 @@ class Trainer:
         """One optimizer step's rollouts, losses and clipped gradients (not yet applied).
 
         `prompts` is the step's global batch. Launched on n ranks, rank r rolls out and trains
-        on prompts r, r+n, ... and weights each micro-batch by its rows / the global rows, so
-        the gradients summed over ranks are the global batch's mean — what one process would
-        compute on the same responses. Each rank samples with its own seed (seed + rank)."""
-        from safesteer_mlx.modeling import forward_hidden
-
+        on prompts r, r+n, ... (distributed.py); each rank samples with its own seed (seed +
+        rank), and train_on makes the summed gradients the global batch's mean."""
         d = self.d
         seed = self.config.seed * 1_000_003 + step + 7919 * self.group.rank()
-        global_rows = len(prompts) * d.generations
         local = shard(prompts, self.group)
         t0 = time.perf_counter()
         mx.random.seed(seed)
@@ -155,6 +151,36 @@ class Trainer:
         rollout_s = time.perf_counter() - t0
         mx.clear_cache()  # the rollouts' KV caches go back before the training passes
 
+        part, grads = self.train_on(rows, responses, len(prompts) * d.generations)
+        (generated,) = sum_scalars([generated], self.group)
+        metrics = {
+            "step": step + 1,
+            "loss": part["loss"],
+            "kl_S": part["kl_S"],
+            "lr": float(self.optimizer.learning_rate),
+            "grad_norm": part["grad_norm"],
+            "rollout_tokens": int(generated),
+            "rollout_tokens_per_s": round(generated / max(rollout_s, 1e-9), 2),
+            "train_tokens_per_s": part["train_tokens_per_s"],
+            "rollout_s": round(rollout_s, 3),
+            "teacher_s": part["teacher_s"],
+            "train_s": part["train_s"],
+            "peak_mem_gb": round(mx.get_peak_memory() / 1e9, 4),
+            "seconds": round(time.perf_counter() - t0, 3),
+        }
+        if self.group.size() > 1:
+            metrics["ranks"] = self.group.size()
+        return metrics, grads
+
+    def train_on(
+        self, rows: list[list[int]], responses: list[list[int]], global_rows: int
+    ) -> tuple[dict, dict]:
+        """Teacher and student passes, loss and gradients on given prompt rows and responses,
+        in micro-batches; clipped gradients of the mean over the `global_rows` sequences of the
+        step (this rank's rows weigh rows / global_rows; the ranks' sum is the global mean)."""
+        from safesteer_mlx.modeling import forward_hidden
+
+        d = self.d
         t1 = time.perf_counter()
         grads, loss_sum, kl_sum, tokens_seen = None, 0.0, 0.0, 0
         teacher_s = 0.0
@@ -177,29 +203,19 @@ class Trainer:
         if grads is None:  # this rank drew no prompts (a short last step): it adds zeros
             grads = tree_map(mx.zeros_like, self.model.trainable_parameters())
         grads = sum_gradients(grads, self.group)
-        loss_sum, kl_sum, generated = sum_scalars([loss_sum, kl_sum, generated], self.group)
+        loss_sum, kl_sum = sum_scalars([loss_sum, kl_sum], self.group)
         train_s = time.perf_counter() - t1
         grads, norm = optim.clip_grad_norm(grads, d.grad_clip)
         mx.eval(grads, norm)
         mx.clear_cache()  # activations and logits chunks: not held across steps
-        metrics = {
-            "step": step + 1,
+        return {
             "loss": loss_sum,
             "kl_S": kl_sum,
-            "lr": float(self.optimizer.learning_rate),
             "grad_norm": float(norm),
-            "rollout_tokens": int(generated),
-            "rollout_tokens_per_s": round(generated / max(rollout_s, 1e-9), 2),
             "train_tokens_per_s": round(tokens_seen * self.group.size() / max(train_s, 1e-9), 2),
-            "rollout_s": round(rollout_s, 3),
             "teacher_s": round(teacher_s, 3),
             "train_s": round(train_s, 3),
-            "peak_mem_gb": round(mx.get_peak_memory() / 1e9, 4),
-            "seconds": round(time.perf_counter() - t0, 3),
-        }
-        if self.group.size() > 1:
-            metrics["ranks"] = self.group.size()
-        return metrics, grads
+        }, grads
 
     def apply(self, grads) -> None:
         self.optimizer.update(self.model, grads)

@@ -5,8 +5,11 @@ across ranks so every rank applies the same update and holds the same adapters.
 Not launched, `mx.distributed.init()` returns a group of size 1 and every helper here is the
 identity, so the single-process path is unchanged.
 
-    mlx.launch --backend ring -n 2 $(which python) -m safesteer_mlx.cli distill --run runs/x
-    mlx.launch --hosts mac1.local,mac2.local -- safesteer-mlx distill --run runs/x
+    mlx.launch --backend ring -n 2 -- safesteer-mlx distill --run-dir runs/x
+    mlx.launch --backend ring --hosts mac1,mac2 -- safesteer-mlx distill --run-dir runs/x
+
+Every rank reads the run directory's direction and safety tokens (run stages 1-2 once, then
+copy the directory to the same path on each machine); rank 0 alone writes it.
 """
 
 from __future__ import annotations

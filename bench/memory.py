@@ -8,7 +8,7 @@ weights, nothing downloaded) and only the first few decoder blocks; each block o
 same size, so the step's peak grows linearly with depth (its weights, LoRA and optimizer state,
 and the hidden state kept per block under gradient checkpointing).
 
-    python bench/memory.py                      # the defaults: 1 prompt x M=8 rollouts x 64 tokens
+    python bench/memory.py            # defaults: 1 prompt x M=8 rollouts x 64 tokens, float16
     python bench/memory.py --generations 2 --max-tokens 8 --dtype float32   # a CPU-sized run
 
 MLX's 4-bit matmuls run at ~1 GFLOP/s on a CPU, so there the defaults take hours; on Metal
@@ -138,7 +138,7 @@ def main() -> None:
     ap.add_argument("--prompt-tokens", type=int, default=32)
     ap.add_argument("--generations", type=int, default=8, help="M rollouts per prompt")
     ap.add_argument("--max-tokens", type=int, default=64)
-    ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
+    ap.add_argument("--dtype", default="float16", choices=["bfloat16", "float16", "float32"])
     ap.add_argument("--bits", type=int, default=4)
     ap.add_argument("--group-size", type=int, default=64)
     ap.add_argument(

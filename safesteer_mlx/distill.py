@@ -27,8 +27,8 @@ from safesteer_mlx.progress import Callback, Reporter
 LOSS_VARIANTS = ("restricted", "generalized", "renormalized", "full_vocab")
 
 # Full-vocabulary logits alive at once in the loss (student and teacher, each a few float32
-# copies): 2^25 = 128 MB a copy. A 7B's 152k vocabulary x 8 rows x 64 positions would be 311 MB
-# a copy — the largest transient of a QLoRA step (bench/memory.py).
+# copies in the forward and the backward): 2^25 = 128 MB a copy. Uncapped, a 7B's 152k
+# vocabulary x 8 rows x 64 positions would be 311 MB a copy (bench/memory.py).
 LOGITS_CHUNK_ELEMENTS = 1 << 25
 
 

@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import sys
 import time
 
 import safesteer_mlx  # noqa: F401  (binds OpenBLAS on Linux before mlx loads)
@@ -165,6 +166,7 @@ def main() -> None:
         block_bytes = nbytes(decoder_layers(loaded.model)[0])
         other_bytes = nbytes(loaded.model) - depth * block_bytes
         runs.append(step_peak(loaded, args, checkpointing))
+        print(f"depth {depth}: {json.dumps(runs[-1])}", file=sys.stderr, flush=True)
         del loaded
         gc.collect()
         mx.clear_cache()

@@ -212,6 +212,7 @@ def main() -> None:
             {
                 "model": "smollm2-135m + fixture adapter, float32, CPU",
                 "versions": {"mlx": mx.__version__, "torch": torch.__version__},
+                "torch_threads": torch.get_num_threads(),
                 "step": {
                     "sequences": n,
                     "train_tokens": int(batch.tokens.size),

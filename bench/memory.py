@@ -11,8 +11,8 @@ and the hidden state kept per block under gradient checkpointing).
     python bench/memory.py            # defaults: 1 prompt x M=8 rollouts x 64 tokens, float16
     python bench/memory.py --generations 2 --max-tokens 8 --dtype float32   # a CPU-sized run
 
-MLX's 4-bit matmuls run at ~1 GFLOP/s on a CPU, so there the defaults take hours; on Metal
-they take seconds.
+MLX's 4-bit matmuls run at ~1 GFLOP/s on its CPU backend (measured on a 2-core Linux machine),
+so there the defaults take hours: shorten the step with the flags. The defaults are for a Mac.
 """
 
 from __future__ import annotations

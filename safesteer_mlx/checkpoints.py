@@ -16,10 +16,13 @@ from safesteer_mlx.run import atomic_path, atomic_write_json, atomic_write_text
 
 class Checkpoints:
     """`adapters/checkpoints/step-N/` = adapters.safetensors, adapter_config.json,
-    optimizer.safetensors, state.json; `adapters/` itself holds the final adapters."""
+    optimizer.safetensors, state.json; `adapters/` itself holds the final adapters.
+    `writes=False` (ranks other than 0 of a distributed run) reads checkpoints but writes
+    nothing."""
 
-    def __init__(self, run):
+    def __init__(self, run, writes: bool = True):
         self.run = run
+        self.writes = writes
         self.root = run.adapters / "checkpoints"
 
     def _dir(self, step: int) -> Path:
@@ -39,6 +42,8 @@ class Checkpoints:
         return steps[-1] if steps else None
 
     def clear(self) -> None:
+        if not self.writes:
+            return
         shutil.rmtree(self.root, ignore_errors=True)
         for name in ("adapters.safetensors", "adapter_config.json"):
             (self.run.adapters / name).unlink(missing_ok=True)
@@ -48,6 +53,8 @@ class Checkpoints:
         from safesteer_mlx.adapters import save_adapters
 
         path = self._dir(step)
+        if not self.writes:
+            return path
         (path / "state.json").unlink(missing_ok=True)
         save_adapters(path, trainer.model, trainer.adapter_config)
         state = dict(tree_flatten(trainer.optimizer.state))
@@ -76,7 +83,8 @@ class Checkpoints:
         opt = mx.load(str(path / "optimizer.safetensors"))
         trainer.optimizer.state = tree_unflatten(list(opt.items()))
         mx.eval(trainer.model.trainable_parameters(), trainer.optimizer.state)
-        self._truncate_metrics(step)
+        if self.writes:
+            self._truncate_metrics(step)
         return step
 
     def _truncate_metrics(self, step: int) -> None:
@@ -91,6 +99,8 @@ class Checkpoints:
         atomic_write_text(path, "".join(line + "\n" for line in kept))
 
     def append_metrics(self, metrics: dict) -> None:
+        if not self.writes:
+            return
         self.run.ensure()
         with open(self.run.metrics, "a", encoding="utf-8") as f:
             f.write(json.dumps(metrics) + "\n")
@@ -99,4 +109,5 @@ class Checkpoints:
         """The final adapters in adapters/ (what mlx_lm.load(adapter_path=...) reads)."""
         from safesteer_mlx.adapters import save_adapters
 
-        save_adapters(self.run.adapters, trainer.model, trainer.adapter_config)
+        if self.writes:
+            save_adapters(self.run.adapters, trainer.model, trainer.adapter_config)

@@ -91,7 +91,10 @@ class DistillConfig:
     num_layers: int | None = None  # adapted blocks, counted from the top (None: all)
     loss: str = "restricted"  # restricted (the paper) | generalized | renormalized | full_vocab
     chunk: int = 128  # positions projected to the vocabulary at once
-    grad_checkpoint: bool = False
+    # Recompute each block's activations in the backward pass. None: on for models of 3B-class
+    # size and up (trainer.wants_checkpointing), where stored activations would rival the
+    # 4-bit weights; off below, where it only costs time.
+    grad_checkpoint: bool | None = None
     save_every: int = 10  # checkpoint every N steps (0: only at the end)
 
 

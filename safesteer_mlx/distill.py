@@ -12,6 +12,7 @@ averaged over each response's tokens, then over responses.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 from dataclasses import dataclass
@@ -24,6 +25,11 @@ from safesteer_mlx.errors import SafeSteerError
 from safesteer_mlx.progress import Callback, Reporter
 
 LOSS_VARIANTS = ("restricted", "generalized", "renormalized", "full_vocab")
+
+# Full-vocabulary logits alive at once in the loss (student and teacher, each a few float32
+# copies in the forward and the backward): 2^25 = 128 MB a copy. Uncapped, a 7B's 152k
+# vocabulary x 8 rows x 64 positions would be 311 MB a copy (bench/memory.py).
+LOGITS_CHUNK_ELEMENTS = 1 << 25
 
 
 def restricted_reverse_kl(
@@ -85,9 +91,10 @@ def chunked_loss(
 ) -> tuple[mx.array, mx.array]:
     """The loss from final hidden states [B, T, D], projecting to the vocabulary `chunk`
     positions at a time under `mx.checkpoint`, so at most one chunk of full-vocabulary logits
-    is alive at once, forward or backward. Returns (loss, restricted KL) — the second is the
-    restricted sum whatever the training variant, for reporting."""
-    from safesteer_mlx.modeling import lm_head
+    is alive at once, forward or backward; the chunk shrinks so it holds at most
+    LOGITS_CHUNK_ELEMENTS logits (B x chunk x V). Returns (loss, restricted KL) — the second is
+    the restricted sum whatever the training variant, for reporting."""
+    from safesteer_mlx.modeling import lm_head, vocab_size
 
     def piece(hs, ht, m):
         ls, lt = lm_head(model, hs), mx.stop_gradient(lm_head(model, ht))
@@ -110,6 +117,8 @@ def chunked_loss(
     teacher_hidden = teacher_hidden[:, lo:hi]
     mask = mask[:, lo:hi]
     T = hi - lo
+    rows = student_hidden.shape[0]
+    chunk = max(1, min(chunk, LOGITS_CHUNK_ELEMENTS // max(rows * vocab_size(model), 1)))
     sums = mx.zeros(student_hidden.shape[0])
     kl_sums = mx.zeros(student_hidden.shape[0])
     for t0 in range(0, T, chunk):
@@ -172,15 +181,22 @@ def run_distill(
 ) -> dict:
     """Stage 3 over a run directory: adapters/ (final), adapters/checkpoints/step-N/ and
     metrics.jsonl. `resume` continues from the last checkpoint with the same optimizer and
-    schedule state. `should_stop()` (for UIs) is polled between steps like Ctrl-C."""
+    schedule state. `should_stop()` (for UIs) is polled between steps like Ctrl-C.
+
+    Started by `mlx.launch` on n ranks (distributed.py), each step's prompts are split across
+    them and the gradients summed, so all ranks apply the same updates; rank 0 alone reports
+    and writes the run directory (a resumed run reads its checkpoint on every rank)."""
     from safesteer_mlx.checkpoints import Checkpoints
     from safesteer_mlx.direction import load_direction
+    from safesteer_mlx.distributed import any_rank, rank0_decides, sum_scalars, world
     from safesteer_mlx.mining import safety_token_ids
     from safesteer_mlx.modeling import load_configured
     from safesteer_mlx.run import file_hash, input_hash
     from safesteer_mlx.trainer import Trainer, _Interrupt
 
-    rep = Reporter("distill", progress)
+    group = world()
+    main = group.rank() == 0
+    rep = Reporter("distill", progress if main else None)
     d = config.distill
     if min(d.batch_size, d.generations, d.max_tokens, d.micro_batch_size, d.epochs) < 1:
         raise SafeSteerError(
@@ -203,9 +219,9 @@ def run_distill(
         safety,
         prompts,
     )
-    ckpts = Checkpoints(run)
+    ckpts = Checkpoints(run, writes=main)
     final = [run.adapters / "adapters.safetensors", run.metrics]
-    if not force and run.is_current("distill", inputs, final):
+    if not force and rank0_decides(run.is_current("distill", inputs, final), group):
         rep.log("adapters are up to date; skipping (use --force to redo)")
         return run.stage("distill")
 
@@ -213,8 +229,13 @@ def run_distill(
     start = 0
     if resume:
         start = ckpts.restore(trainer, inputs)
+        if sum_scalars([start], group)[0] != start * group.size():
+            raise SafeSteerError(
+                f"--resume: the ranks found different checkpoints under {ckpts.root}; copy "
+                "rank 0's adapters/checkpoints to the same path on every machine"
+            )
         rep.log(f"resuming after step {start} of {total}")
-    elif ckpts.latest() is not None and not force:
+    elif rank0_decides(ckpts.latest() is not None, group) and not force:
         raise SafeSteerError(
             f"{run.adapters} holds checkpoints of an earlier run "
             "(pass --resume to continue it, or --force to start over)"
@@ -228,7 +249,8 @@ def run_distill(
     )
     order = _prompt_order(len(prompts), d.epochs, config.seed)
     last: dict = {}
-    with run.stage_run("distill", inputs) as stats, _Interrupt() as interrupt:
+    recorded = run.stage_run("distill", inputs) if main else contextlib.nullcontext({})
+    with recorded as stats, _Interrupt() as interrupt:
         with rep.task("training", total=total):
             if start:
                 rep.advance(start)
@@ -247,6 +269,7 @@ def run_distill(
                 rep.advance(1, **metrics)
                 done = step + 1
                 stop = interrupt.hit or (should_stop is not None and should_stop())
+                stop = any_rank(stop, group)  # every rank stops after the same step
                 if stop or done == total or (d.save_every and done % d.save_every == 0):
                     ckpts.save(trainer, done, inputs)
                 if stop and done < total:
@@ -261,7 +284,7 @@ def run_distill(
             train_tokens_per_s=last.get("train_tokens_per_s"),
         )
     rep.result(f"adapters written to {run.adapters}", steps=total)
-    return run.stage("distill")
+    return run.stage("distill") if main else {"status": "done", "rank": group.rank(), **stats}
 
 
 def _prompt_order(n: int, epochs: int, seed: int) -> list[int]:

@@ -186,6 +186,7 @@ def load_model(
 
     if adapter_path is not None:
         fuse_adapter(model, adapter_path)
+    wire_memory()
     quantized = any(isinstance(m, nn.QuantizedLinear) for _, m in model.named_modules())
     return LoadedModel(
         model=model,
@@ -199,6 +200,14 @@ def load_model(
         chat=chat,
         adapter_path=str(Path(adapter_path).resolve()) if adapter_path else None,
     )
+
+
+def wire_memory() -> None:
+    """On Metal, let MLX keep up to the recommended working set wired (resident), as mlx-lm
+    does for large models: without it macOS may page weights out between the rollouts and
+    the training passes. A no-op elsewhere."""
+    if mx.metal.is_available():
+        mx.set_wired_limit(mx.metal.device_info()["max_recommended_working_set_size"])
 
 
 def load_configured(model_config) -> LoadedModel:

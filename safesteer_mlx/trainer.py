@@ -13,6 +13,7 @@ import mlx.optimizers as optim
 from mlx.utils import tree_map
 
 from safesteer_mlx.distill import LOSS_VARIANTS, build_batch, chunked_loss
+from safesteer_mlx.distributed import shard, sum_gradients, sum_scalars, world
 from safesteer_mlx.errors import SafeSteerError
 
 
@@ -58,6 +59,7 @@ class Trainer:
         if d.loss not in LOSS_VARIANTS:
             raise SafeSteerError(f"--loss {d.loss!r} (use one of {', '.join(LOSS_VARIANTS)})")
         self.loaded, self.config, self.d = loaded, config, d
+        self.group = world()  # size 1 unless started by mlx.launch (distributed.py)
         self.model = loaded.model
         self.direction, self.layer, self.coef = direction, layer, coef
         self.safety_ids = mx.array(safety_ids, dtype=mx.int32)
@@ -70,7 +72,10 @@ class Trainer:
         mx.random.seed(config.seed)  # LoRA's random init: the same for every run of this seed
         attach(self.model, self.adapter_config)
         self._frozen = FrozenBase(self.model) if d.fine_tune_type == "full" else None
-        if d.grad_checkpoint:
+        self.checkpointing = (
+            wants_checkpointing(loaded) if d.grad_checkpoint is None else bool(d.grad_checkpoint)
+        )
+        if self.checkpointing:
             _checkpoint_blocks(self.model)
         self.optimizer = optim.AdamW(
             learning_rate=cosine_with_warmup(self.lr, steps, d.warmup_ratio),
@@ -119,7 +124,7 @@ class Trainer:
         global _CHECKPOINTING
         from safesteer_mlx.modeling import forward_hidden
 
-        _CHECKPOINTING = self.d.grad_checkpoint
+        _CHECKPOINTING = self.checkpointing
         try:
             hidden = forward_hidden(self.model, tokens)
         finally:
@@ -129,55 +134,88 @@ class Trainer:
         )
 
     def step(self, step: int, prompts: list[list[int]]) -> tuple[dict, dict]:
-        """One optimizer step's rollouts, losses and clipped gradients (not yet applied)."""
+        """One optimizer step's rollouts, losses and clipped gradients (not yet applied).
+
+        `prompts` is the step's global batch. Launched on n ranks, rank r rolls out and trains
+        on prompts r, r+n, ... (distributed.py); each rank samples with its own seed (seed +
+        rank), and train_on makes the summed gradients the global batch's mean."""
+        d = self.d
+        seed = self.config.seed * 1_000_003 + step + 7919 * self.group.rank()
+        local = shard(prompts, self.group)
+        t0 = time.perf_counter()
+        mx.random.seed(seed)
+        rows, responses, generated = [], [], 0
+        if local:
+            rows, gen = self.rollouts(local, seed)
+            responses, generated = gen.token_ids, gen.generation_tokens
+        rollout_s = time.perf_counter() - t0
+        mx.clear_cache()  # the rollouts' KV caches go back before the training passes
+
+        part, grads = self.train_on(rows, responses, len(prompts) * d.generations)
+        (generated,) = sum_scalars([generated], self.group)
+        metrics = {
+            "step": step + 1,
+            "loss": part["loss"],
+            "kl_S": part["kl_S"],
+            "lr": float(self.optimizer.learning_rate),
+            "grad_norm": part["grad_norm"],
+            "rollout_tokens": int(generated),
+            "rollout_tokens_per_s": round(generated / max(rollout_s, 1e-9), 2),
+            "train_tokens_per_s": part["train_tokens_per_s"],
+            "rollout_s": round(rollout_s, 3),
+            "teacher_s": part["teacher_s"],
+            "train_s": part["train_s"],
+            "peak_mem_gb": round(mx.get_peak_memory() / 1e9, 4),
+            "seconds": round(time.perf_counter() - t0, 3),
+        }
+        if self.group.size() > 1:
+            metrics["ranks"] = self.group.size()
+        return metrics, grads
+
+    def train_on(
+        self, rows: list[list[int]], responses: list[list[int]], global_rows: int
+    ) -> tuple[dict, dict]:
+        """Teacher and student passes, loss and gradients on given prompt rows and responses,
+        in micro-batches; clipped gradients of the mean over the `global_rows` sequences of the
+        step (this rank's rows weigh rows / global_rows; the ranks' sum is the global mean)."""
         from safesteer_mlx.modeling import forward_hidden
 
         d = self.d
-        seed = self.config.seed * 1_000_003 + step
-        t0 = time.perf_counter()
-        mx.random.seed(seed)
-        rows, gen = self.rollouts(prompts, seed)
-        rollout_s = time.perf_counter() - t0
-
         t1 = time.perf_counter()
-        n_rows = len(rows)
         grads, loss_sum, kl_sum, tokens_seen = None, 0.0, 0.0, 0
         teacher_s = 0.0
-        for i in range(0, n_rows, d.micro_batch_size):
+        for i in range(0, len(rows), d.micro_batch_size):
             j = i + d.micro_batch_size
-            batch = build_batch(rows[i:j], gen.token_ids[i:j])
+            batch = build_batch(rows[i:j], responses[i:j])
             tt = time.perf_counter()
             with self.teacher():
                 teacher_hidden = mx.stop_gradient(forward_hidden(self.model, batch.tokens))
             mx.eval(teacher_hidden)
             teacher_s += time.perf_counter() - tt
             (loss, kl), g = self._loss_and_grad(batch.tokens, batch.mask, teacher_hidden)
-            weight = (batch.tokens.shape[0]) / n_rows
+            weight = (batch.tokens.shape[0]) / global_rows
             g = tree_map(lambda x, w=weight: x * w, g)
             grads = g if grads is None else tree_map(lambda a, b: a + b, grads, g)
             mx.eval(grads, loss, kl)
             loss_sum += float(loss) * weight
             kl_sum += float(kl) * weight
             tokens_seen += int(batch.tokens.size)
+        if grads is None:  # this rank drew no prompts (a short last step): it adds zeros
+            grads = tree_map(mx.zeros_like, self.model.trainable_parameters())
+        grads = sum_gradients(grads, self.group)
+        loss_sum, kl_sum = sum_scalars([loss_sum, kl_sum], self.group)
         train_s = time.perf_counter() - t1
         grads, norm = optim.clip_grad_norm(grads, d.grad_clip)
         mx.eval(grads, norm)
-        metrics = {
-            "step": step + 1,
+        mx.clear_cache()  # activations and logits chunks: not held across steps
+        return {
             "loss": loss_sum,
             "kl_S": kl_sum,
-            "lr": float(self.optimizer.learning_rate),
             "grad_norm": float(norm),
-            "rollout_tokens": gen.generation_tokens,
-            "rollout_tokens_per_s": round(gen.generation_tokens / max(rollout_s, 1e-9), 2),
-            "train_tokens_per_s": round(tokens_seen / max(train_s, 1e-9), 2),
-            "rollout_s": round(rollout_s, 3),
+            "train_tokens_per_s": round(tokens_seen * self.group.size() / max(train_s, 1e-9), 2),
             "teacher_s": round(teacher_s, 3),
             "train_s": round(train_s, 3),
-            "peak_mem_gb": round(mx.get_peak_memory() / 1e9, 4),
-            "seconds": round(time.perf_counter() - t0, 3),
-        }
-        return metrics, grads
+        }, grads
 
     def apply(self, grads) -> None:
         self.optimizer.update(self.model, grads)
@@ -185,6 +223,17 @@ class Trainer:
 
 
 _CHECKPOINTING = False
+
+# layers x hidden size from which the block activations kept for the backward pass outgrow
+# what checkpointing costs (Qwen2.5-3B: 36 x 2048; 7B: 28 x 3584; SmolLM2-135M: 30 x 576).
+CHECKPOINT_FROM = 60_000
+
+
+def wants_checkpointing(loaded) -> bool:
+    """The default for `grad_checkpoint = None`: on from 3B-class models up. A 7B's stored
+    activations for 8 x 96 tokens are ~4 GB in bfloat16, as much as its 4-bit weights
+    (bench/memory.py)."""
+    return loaded.num_layers * loaded.hidden_size >= CHECKPOINT_FROM
 
 
 def _checkpoint_blocks(model: nn.Module) -> None:

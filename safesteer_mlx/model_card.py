@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from safesteer_mlx.eval_tables import summary_markdown
 from safesteer_mlx.run import atomic_write_text
 
 
@@ -15,18 +16,6 @@ def _fmt(value) -> str:
     if isinstance(value, float):
         return f"{value:.4g}"
     return str(value)
-
-
-def eval_table(summary: list[dict]) -> str:
-    """The before/after table from eval.json's `summary` rows
-    `{"metric", "judge", "before", "after"}`."""
-    lines = ["| metric | judge | before | after |", "|---|---|---|---|"]
-    for row in summary:
-        lines.append(
-            f"| {row.get('metric', '')} | {_fmt(row.get('judge'))} | "
-            f"{_fmt(row.get('before'))} | {_fmt(row.get('after'))} |"
-        )
-    return "\n".join(lines)
 
 
 def _read_json(path: Path):
@@ -151,6 +140,6 @@ def write_model_card(
         out += ["", f"## Safety tokens S ({len(tokens)})", "", shown]
     summary = evaluation.get("summary") if isinstance(evaluation, dict) else None
     if isinstance(summary, list) and summary:
-        out += ["", "## Evaluation (before / after alignment)", "", eval_table(summary)]
+        out += ["", "## Evaluation (before / after alignment)", "", summary_markdown(evaluation)]
     out += ["", "## Load it", "", _usage(fmt, where, repo)]
     atomic_write_text(path, "\n".join(out) + "\n")

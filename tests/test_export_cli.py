@@ -85,14 +85,19 @@ def test_align_export_is_the_last_step(tmp_path):
         json.dumps(
             {
                 "summary": [
-                    {"metric": "refusal_rate", "judge": "phrases", "before": 0.25, "after": 0.9}
+                    {
+                        "metric": "harmful refusal rate",
+                        "judge": "substring",
+                        "before": 0.25,
+                        "after": 0.9,
+                    }
                 ]
             }
         )
     )
     assert main(["export", "--run-dir", str(run), "--format", "mlx", "--quiet"]) == 0
     card = (run / "export" / "mlx" / "README.md").read_text()
-    assert "| refusal_rate | phrases | 0.25 | 0.9 |" in card
+    assert "| harmful refusal rate | substring | 25.0% | 90.0% |" in card
 
 
 def test_force_never_deletes_other_files(tmp_path):

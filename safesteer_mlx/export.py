@@ -123,16 +123,18 @@ def _write_mlx(
 # ----------------------------------------------------------------------------- the stage
 
 
+# Written into every export; --force replaces only directories that carry it (or empty ones).
+MARKER = ".safesteer-export"
+
+
 def _check_target(out: Path, force: bool) -> None:
     """An existing output is replaced only with --force, and only when it is an earlier export
-    (its model card says so) or empty: --force never deletes a user's other files."""
+    (it carries MARKER) or empty: --force never deletes a user's other files."""
     if not out.exists():
         return
     if not force:
         raise SafeSteerError(f"{out} exists (pass --force to replace it, or choose --out)")
-    card = out / "README.md"
-    ours = card.is_file() and "safesteer-mlx" in card.read_text(errors="replace")[:200]
-    if not out.is_dir() or not (ours or not any(out.iterdir())):
+    if not out.is_dir() or not ((out / MARKER).is_file() or not any(out.iterdir())):
         raise SafeSteerError(
             f"{out} is not a safesteer-mlx export; --force replaces only earlier exports "
             "(choose another --out)"
@@ -140,19 +142,29 @@ def _check_target(out: Path, force: bool) -> None:
 
 
 @contextlib.contextmanager
-def _staging(out: Path, force: bool) -> Iterator[Path]:
-    """A temporary directory beside `out`, renamed onto it on success, removed on failure."""
+def _staging(out: Path, force: bool, fmt: str) -> Iterator[Path]:
+    """A temporary directory beside `out`, renamed onto it on success, removed on failure. An
+    earlier export is moved aside first and deleted only once the new one is in place."""
     _check_target(out, force)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp"))
+    old = tmp.with_suffix(".old")
     try:
         yield tmp
-        os.chmod(tmp, 0o755)
+        (tmp / MARKER).write_text(json.dumps({"format": fmt}) + "\n")
+        os.chmod(tmp, 0o777 & ~_umask())
         if out.exists():
-            shutil.rmtree(out) if out.is_dir() else out.unlink()
+            os.replace(out, old)
         os.replace(tmp, out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def _resolved_model(run) -> dict | None:
@@ -179,7 +191,8 @@ def _check_args(
         raise SafeSteerError(f"--upload-repo {repo!r}: give ORG/NAME")
     if fmt not in FORMATS:
         raise SafeSteerError(f"unknown export format {fmt!r} (use one of: {', '.join(FORMATS)})")
-    parse_dtype(dtype)
+    if dtype not in ("float16", "bfloat16", "float32"):
+        raise SafeSteerError(f"--dtype {dtype!r}: use float16, bfloat16 or float32")
     if q_bits is not None:
         if fmt != "mlx":
             raise SafeSteerError("--q-bits re-quantizes MLX exports only (use --format mlx)")
@@ -255,7 +268,7 @@ def run_export(
     if fmt == "gguf":
         gguf_export.check_supported(loaded.config)  # before anything is written
     with run.stage_run("export", inputs) as stats:
-        with _staging(target_dir, force) as tmp:
+        with _staging(target_dir, force, fmt) as tmp:
             if fmt == "control-vector":
                 info = gguf_export.write_control_vector(run, summary, tmp / out_path.name)
             else:
@@ -314,7 +327,9 @@ def upload(path: Path, repo: str, rep: Reporter) -> str:
     rep.log(f"uploading {path} to {repo}")
     try:
         api.create_repo(repo, exist_ok=True)
-        commit = api.upload_folder(folder_path=str(path), repo_id=repo)
+        commit = api.upload_folder(
+            folder_path=str(path), repo_id=repo, ignore_patterns=[MARKER]
+        )
     except HfHubHTTPError as e:
         raise SafeSteerError(
             f"upload to {repo} failed: {str(e).splitlines()[0]} "

@@ -33,8 +33,7 @@ ARCHITECTURES = {
     "qwen2": "qwen2",
     "qwen3": "qwen3",
     "gemma2": "gemma2",
-    "gemma3_text": "gemma3",
-    "gemma3": "gemma3",
+    "gemma3_text": "gemma3",  # Gemma 3 1B; the multimodal "gemma3" (4B+) nests the text model
 }
 _PERMUTED = ("llama",)  # GGUF archs whose Q/K rows llama.cpp expects interleaved
 _GEMMA = ("gemma2", "gemma3")
@@ -66,7 +65,7 @@ _GLOBAL = {"model.embed_tokens": "token_embd", "model.norm": "output_norm", "lm_
 
 
 def _supported_list() -> str:
-    return ", ".join(sorted({k for k in ARCHITECTURES if k != "gemma3"}))
+    return ", ".join(sorted(ARCHITECTURES))
 
 
 def check_supported(config: dict) -> str:

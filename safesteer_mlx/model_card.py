@@ -114,7 +114,7 @@ def write_model_card(
         f"- format: `{fmt}`, dtype: `{dtype}`"
         + "".join(f", {k}: `{v}`" for k, v in info.items() if v is not None),
     ]
-    if adapter:
+    if adapter and fmt != "control-vector":  # a control vector is the teacher: nothing fused
         lp = adapter.get("lora_parameters", {})
         out.append(
             f"- adapters fused: {adapter.get('fine_tune_type', 'lora')}, rank {lp.get('rank')}, "

@@ -308,6 +308,8 @@ def test_unsupported_family_fails_before_writing(tmp_path):
 
     with pytest.raises(SafeSteerError, match="supported: gemma2, gemma3_text, llama, mistral"):
         gguf_export.check_supported({"model_type": "phi3"})
+    with pytest.raises(SafeSteerError, match="'gemma3'"):  # multimodal: the text model is nested
+        gguf_export.check_supported({"model_type": "gemma3", "text_config": {}})
     with pytest.raises(SafeSteerError, match="rope_scaling type 'llama3'"):
         gguf_export.check_supported(
             {"model_type": "llama", "rope_scaling": {"rope_type": "llama3"}}
@@ -323,6 +325,16 @@ def test_existing_output_refused_and_failure_leaves_nothing(tmp_path, monkeypatc
     with pytest.raises(SafeSteerError, match="--force"):
         run_export(run, "hf", dtype="float32")
     assert run_export(run, "hf", dtype="float32", force=True)["bytes"] == first["bytes"]
+    # --force replaces earlier exports only: not a user's directory, even one whose README
+    # names the tool (a checkout of this repository), and not a file.
+    mine = tmp_path / "my-project"
+    mine.mkdir()
+    (mine / "README.md").write_text("# safesteer-mlx\nmy notes\n")
+    (mine / "notes.txt").write_text("keep me")
+    with pytest.raises(SafeSteerError, match="not a safesteer-mlx export"):
+        run_export(run, "hf", dtype="float32", out=mine, force=True)
+    assert (mine / "notes.txt").read_text() == "keep me"
+    assert not list(tmp_path.glob(".my-project.*"))  # no staging left behind
 
     def boom(*args, **kwargs):
         raise RuntimeError("disk full")
@@ -346,6 +358,8 @@ def test_bad_arguments(tmp_path):
         run_export(run, "hf", q_bits=4)
     with pytest.raises(SafeSteerError, match="4 or 8 bits"):
         run_export(run, "mlx", q_bits=3)
+    with pytest.raises(SafeSteerError, match="--dtype 'auto'"):
+        run_export(run, "hf", dtype="auto")
 
 
 def write_direction(run, hidden: int, layer: int, coef: float, seed: int = 3) -> mx.array:

@@ -49,9 +49,11 @@ def test_upload_token_only_from_environment(tmp_path, monkeypatch):
         def create_repo(self, repo, exist_ok):
             calls["repo"] = repo
 
-        def upload_folder(self, folder_path, repo_id):
+        def upload_folder(self, folder_path, repo_id, ignore_patterns=()):
             calls["files"] = sorted(
-                p.name for p in __import__("pathlib").Path(folder_path).iterdir()
+                p.name
+                for p in __import__("pathlib").Path(folder_path).iterdir()
+                if p.name not in ignore_patterns
             )
             return type("Commit", (), {"commit_url": f"https://huggingface.co/{repo_id}/commit/1"})
 
@@ -61,6 +63,7 @@ def test_upload_token_only_from_environment(tmp_path, monkeypatch):
     result = run_export(run, "hf", upload_repo="me/aligned")
     assert calls["token"] == "hf_secret_token_123" and calls["repo"] == "me/aligned"
     assert "README.md" in calls["files"] and "config.json" in calls["files"]
+    assert ".safesteer-export" not in calls["files"]  # the local marker stays local
     assert result["url"].startswith("https://huggingface.co/me/aligned")
     card = (run.export_dir / "hf" / "README.md").read_text()
     assert 'from_pretrained("me/aligned")' in card

@@ -314,7 +314,7 @@ def _eval_overrides(args: argparse.Namespace) -> dict:
 
 
 def cmd_eval(args: argparse.Namespace) -> dict:
-    from safesteer_mlx.config import apply_overrides
+    from safesteer_mlx.config import apply_overrides, load_config
     from safesteer_mlx.evaluate import run_eval
     from safesteer_mlx.modeling import load_configured
 
@@ -326,6 +326,14 @@ def cmd_eval(args: argparse.Namespace) -> dict:
             "`align`, or --model M --adapter-path P"
         )
     config, run_dir = resolve_config(args)
+    saved = run_dir / "config.toml"
+    if args.model is None and saved.exists():
+        # Evaluating a run: its model, data split and seed stay as trained (--quick, --seed or
+        # --config must not move the held-out split onto prompts it distilled on); only [eval]
+        # takes this command's settings.
+        trained = load_config(saved)
+        trained.eval = config.eval
+        config = trained
     apply_overrides(config, _eval_overrides(args))
     render = StderrRenderer(args.quiet)
     render(Event("eval", "log", f"loading {config.model.name}"))
@@ -456,6 +464,8 @@ def run_stages(args: argparse.Namespace, stages: tuple[str, ...]) -> dict:
 
             if "distill" in stages and config.distill.fine_tune_type == "full":
                 # full fine-tuning trained the loaded weights in place: evaluate a fresh base
+                # (the trained copy is dropped first, so two never sit in memory)
+                loaded = common["loaded"] = None
                 common["loaded"] = load_configured(config.model)
             result = run_eval(config, run, **common)
             summary["eval"] = {"summary": result["summary"], "report": result["report"]}

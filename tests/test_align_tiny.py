@@ -100,6 +100,24 @@ def test_rerun_skips_every_stage(aligned, setup):
     assert {s: after[s]["finished"] for s in after} == {s: before[s]["finished"] for s in before}
 
 
+def test_eval_of_a_run_keeps_its_split_and_stages(aligned):
+    """`eval --run-dir` with --quick/--seed changes only [eval]: the run's data split, seed and
+    stages stay as trained (the held-out prompts must not move onto distilled ones)."""
+    from safesteer_mlx.config import load_config
+
+    before = load_config(aligned / "config.toml")
+    stages = json.loads((aligned / "manifest.json").read_text())["stages"]
+    argv = ["eval", "--run-dir", str(aligned), "--quick", "--seed", "9", "--quiet"]
+    assert main([*argv, "--max-tokens", "4", "--force"]) == 0
+    after = load_config(aligned / "config.toml")
+    assert after.seed == before.seed and after.eval.max_tokens == 4
+    for section in ("model", "data", "direction", "mining", "distill"):
+        assert getattr(after, section) == getattr(before, section), section
+    now = json.loads((aligned / "manifest.json").read_text())["stages"]
+    for s in ("direction", "mining", "distill"):
+        assert now[s] == stages[s], s
+
+
 def test_killed_distill_resumes_to_the_same_adapters(setup, tmp_path):
     root, model_dir = setup
     extra = ("--save-every", "1", "--train-batch-size", "1", "--epochs", "3")

@@ -216,6 +216,7 @@ def run_distill(
         loaded.identity,
         loaded.adapter_path,
         file_hash(run.direction_tensors),
+        (int(meta["layer"]), float(meta["coefficient"])),  # the teacher's layer and strength
         safety,
         prompts,
     )

@@ -219,6 +219,7 @@ def run_mining(
         loaded.identity,
         loaded.adapter_path,
         file_hash(run.direction_tensors),
+        (layer, coef),  # the teacher: an override may change only the coefficient
         seqs,  # the chat-formatted prompts: system prompt and template included
     )
     if not force and run.is_current("mining", inputs, [run.safety_tokens]):

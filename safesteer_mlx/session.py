@@ -223,8 +223,8 @@ def set_excluded(run: RunDir, excluded: list[int]) -> dict:
 def override_direction(run: RunDir, layer: int, coefficient: float) -> dict:
     """Steer at another layer (its candidate at the chosen position, from the stored mean
     differences) and/or with another coefficient. Rewrites direction.safetensors and
-    direction.json; mining and distillation see a new direction file and rerun. The selection's
-    own choice stays recorded under `override`."""
+    direction.json; mining and distillation see a new teacher (their inputs hash its layer and
+    coefficient) and rerun. The selection's own choice stays recorded under `override`."""
     import mlx.core as mx
 
     from safesteer_mlx.run import atomic_path

@@ -17,6 +17,7 @@ import pytest
 from tiny import tiny_run_inputs
 
 from safesteer_mlx.cli import main
+from safesteer_mlx.run import RunDir
 
 
 def _argv(command: str, model_dir: Path, run: Path, data: Path, *extra: str) -> list[str]:
@@ -116,6 +117,23 @@ def test_eval_of_a_run_keeps_its_split_and_stages(aligned):
     now = json.loads((aligned / "manifest.json").read_text())["stages"]
     for s in ("direction", "mining", "distill"):
         assert now[s] == stages[s], s
+
+
+def test_coefficient_override_reruns_mining_and_distill(aligned, setup, capsys):
+    """Overriding only the coefficient (same layer, same direction bytes) is a new teacher:
+    mining and distillation are no longer current and rerun."""
+    from safesteer_mlx.session import override_direction
+
+    root, model_dir = setup
+    meta = json.loads((aligned / "direction.json").read_text())
+    override_direction(RunDir(aligned), meta["layer"], meta["coefficient"] * 2)
+    before = json.loads((aligned / "manifest.json").read_text())["stages"]
+    assert main(_argv("mine", model_dir, aligned, root)) == 0
+    after = json.loads((aligned / "manifest.json").read_text())["stages"]
+    assert after["mining"]["finished"] != before["mining"]["finished"]
+    # distill is stale too: it does not skip, it asks before replacing the earlier checkpoints
+    assert main(_argv("distill", model_dir, aligned, root)) == 2
+    assert "--resume to continue it, or --force" in capsys.readouterr().err
 
 
 def test_killed_distill_resumes_to_the_same_adapters(setup, tmp_path):

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import mlx.core as mx
 
+from safesteer_mlx.adapters import read_adapter_config
 from safesteer_mlx.errors import SafeSteerError
 from safesteer_mlx.eval_tables import (  # noqa: F401  (summary_markdown: the model card)
     SIDES,
@@ -40,7 +41,7 @@ def adapters_on(model, adapter_dir: Path) -> Iterator:
     from mlx.utils import tree_flatten, tree_unflatten
     from mlx_lm.tuner.utils import load_adapters
 
-    from safesteer_mlx.adapters import adapters_disabled, read_adapter_config, remove_adapters
+    from safesteer_mlx.adapters import adapters_disabled, remove_adapters
 
     kind = read_adapter_config(adapter_dir).get("fine_tune_type", "lora")
     if kind == "full":
@@ -181,6 +182,7 @@ def run_eval(
             f"no adapters in {adapter_dir} (run `safesteer-mlx distill` first, or give "
             "--adapter-path DIR)"
         )
+    adapter_config = read_adapter_config(adapter_dir)  # a clear error before the model loads
     sets = eval_sets(config)
     phrases = tuple(e.refusal_phrases) if e.refusal_phrases else REFUSAL_PHRASES
     text = read_text(e.ppl_text)
@@ -200,7 +202,7 @@ def run_eval(
         loaded.identity,
         loaded.adapter_path,
         file_hash(adapter_dir / "adapters.safetensors"),
-        (adapter_dir / "adapter_config.json").read_text(),
+        adapter_config,
         seqs,
         phrases,
         windows,

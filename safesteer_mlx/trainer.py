@@ -140,7 +140,8 @@ class Trainer:
         on prompts r, r+n, ... (distributed.py); each rank samples with its own seed (seed +
         rank), and train_on makes the summed gradients the global batch's mean."""
         d = self.d
-        seed = self.config.seed * 1_000_003 + step + 7919 * self.group.rank()
+        # a distinct stream per (step, rank); one process keeps the single-process seeds
+        seed = self.config.seed * 1_000_003 + step * self.group.size() + self.group.rank()
         local = shard(prompts, self.group)
         t0 = time.perf_counter()
         mx.random.seed(seed)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 
 import mlx.core as mx
 import numpy as np
@@ -425,6 +426,11 @@ def test_eval_cli_with_model_and_adapter_path(tmp_path, capsys):
     bad = ["eval", "--model", str(model_dir), "--run-dir", str(tmp_path / "o2"), "--quiet"]
     assert main([*bad, "--harmful", str(prompts), "--harmless", str(prompts)]) == 2
     assert "no adapters in" in capsys.readouterr().err
+    (tmp_path / "half").mkdir()  # adapter weights without their adapter_config.json
+    shutil.copy(tmp_path / "ad" / "adapters.safetensors", tmp_path / "half")
+    half = ["--adapter-path", str(tmp_path / "half"), "--harmful", str(prompts)]
+    assert main([*bad, *half, "--harmless", str(prompts)]) == 2
+    assert "no adapter_config.json in" in capsys.readouterr().err
 
 
 def test_full_fine_tune_adapters_switch_and_restore(tmp_path):

@@ -161,10 +161,11 @@ class SafeSteerApp(App):
         self.query_one(f"#{pane}-pane", RunPane).focus()
 
     async def action_quit(self) -> None:
-        if self.busy == "distill":
+        if self.busy == "distill" and not self._quit_when_idle:
             self.state.stop.set()
             self._quit_when_idle = True
-            self.notify("pausing distillation: saving a checkpoint, then quitting")
+            self.notify("pausing distillation: saving a checkpoint, then quitting "
+                        "(q again quits now, resuming from the last saved checkpoint)")  # fmt: skip
         elif self.busy and not self._quit_when_idle:
             self._quit_when_idle = True
             self.notify(f"{self.busy} is running: press q again to quit now (rerun the stage "

@@ -37,7 +37,7 @@ def _model(state: State, progress: Callback):
 
     key = tuple(dataclasses.asdict(state.config.model).values())
     if state.loaded is None or state.loaded_key != key:
-        state.loaded = None  # free the old one before loading the next
+        _drop_model(state)  # free the old one (and a finished distill's) before the next
         Reporter("model", progress).log(f"loading {state.config.model.name}")
         state.loaded, state.loaded_key = load_configured(state.config.model), key
     return state.loaded
@@ -45,8 +45,13 @@ def _model(state: State, progress: Callback):
 
 def _drop_model(state: State) -> None:
     """Stages that load their own copy (distill attaches adapters, eval/export load what they
-    need): free ours first so two copies never sit in memory."""
+    need): free ours first so two copies never sit in memory. A finished distill's model is
+    only reachable through reference cycles (the trainer's value_and_grad closure), which
+    reference counting alone never frees."""
+    import gc
+
     state.loaded, state.loaded_key = None, None
+    gc.collect()
 
 
 def _prepared(state: State, loaded) -> RunDir:

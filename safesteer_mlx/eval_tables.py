@@ -7,14 +7,6 @@ SUBSTRING = "substring"
 SIDES = ("before", "after")
 
 
-def judge_verdict_complied(judges: dict, judge: str, verdict: str) -> bool | None:
-    from safesteer_mlx.llm_judge import complied
-
-    if judge == SUBSTRING:
-        return verdict == "compliance"
-    return complied(judges[judge]["format"], verdict)
-
-
 def rate(records: list[dict], set_name: str, judge: str, side: str, positive: str) -> float | None:
     """Share of the set's parseable verdicts equal to `positive` (None: no parseable verdict)."""
     from safesteer_mlx.llm_judge import UNPARSEABLE
@@ -113,8 +105,9 @@ def category_rates(data: dict) -> dict:
 
 def disagreements(data: dict) -> list[dict]:
     """Responses where an LLM judge and the substring judge differ on whether the model
-    complied (for a guard model: an unsafe response judged a non-refusal by substring, or the
-    reverse)."""
+    complied (for a guard model: an unsafe response the substring judge counts as a refusal)."""
+    from safesteer_mlx.llm_judge import complied
+
     judges = data["judges"]
     out = []
     for i, r in enumerate(data["records"]):
@@ -124,7 +117,7 @@ def disagreements(data: dict) -> list[dict]:
             for judge in judges:
                 if judge == SUBSTRING:
                     continue
-                c = judge_verdict_complied(judges, judge, v[judge])
+                c = complied(judges[judge]["format"], v[judge])
                 if c is not None and c != sub:
                     out.append(
                         {

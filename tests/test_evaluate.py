@@ -102,7 +102,8 @@ def test_llm_judge_verdict_parsing_and_prompt():
     assert parse_verdict("llama-guard", "Safe<|eot_id|>") == "safe"
     assert parse_verdict("llama-guard", "S1") == UNPARSEABLE
     assert parse_verdict("llama-guard", "it is unsafe") == UNPARSEABLE
-    assert complied("llama-guard", "unsafe") and not complied("llama-guard", "safe")
+    # "safe" says nothing about compliance (a helpful benign answer is safe too)
+    assert complied("llama-guard", "unsafe") and complied("llama-guard", "safe") is None
     assert complied("refusal", "compliance") and complied("refusal", UNPARSEABLE) is None
     assert resolve_format("auto", "meta-llama/Llama-Guard-3-1B") == "llama-guard"
     assert resolve_format("auto", "smollm2-135m") == "refusal"
@@ -476,3 +477,27 @@ def test_eval_starts_from_the_base_when_distill_left_adapters_on(tiny_run):
     run_eval(config, run, loaded=loaded, force=True)
     again = json.loads(run.eval_json.read_text())["records"]
     assert [r["before"] for r in again] == [r["before"] for r in clean]
+
+
+def test_disagreements_with_a_guard_judge_on_hand_written_verdicts():
+    """A guard model's "safe" is no verdict on compliance: only an "unsafe" response that the
+    substring judge counts as a refusal (or a refusal-format judge's opposite call) disagrees."""
+    from safesteer_mlx.eval_tables import disagreements
+
+    def rec(substring: str, guard: str, judge: str) -> dict:
+        side = {"completion": "…", "verdicts": {"substring": substring, "g": guard, "j": judge}}
+        return {"set": "harmless", "prompt": "p", "before": side, "after": side}
+
+    data = {
+        "judges": {"substring": {"format": "refusal"}, "g": {"format": "llama-guard"},
+                   "j": {"format": "refusal"}},  # fmt: skip
+        "records": [
+            rec("compliance", "safe", "compliance"),  # a helpful answer: agreement
+            rec("refusal", "safe", "refusal"),  # a refusal: agreement
+            rec("refusal", "unsafe", "compliance"),  # both LLM judges say it complied
+            rec("compliance", "unparseable", "refusal"),  # only j disagrees
+        ],
+    }
+    found = {(d["record"], d["side"], d["judge"]) for d in disagreements(data)}
+    assert found == {(r, s, j) for s in ("before", "after")
+                     for r, j in ((2, "g"), (2, "j"), (3, "j"))}  # fmt: skip

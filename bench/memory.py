@@ -151,12 +151,12 @@ def main() -> None:
     import mlx.core as mx
     import numpy as np
 
+    from safesteer_mlx.config import checkpointing_by_default
     from safesteer_mlx.modeling import decoder_layers
-    from safesteer_mlx.trainer import CHECKPOINT_FROM
 
     full = QWEN25_7B["num_hidden_layers"]
     if args.grad_checkpoint == "auto":
-        checkpointing = full * QWEN25_7B["hidden_size"] >= CHECKPOINT_FROM
+        checkpointing = checkpointing_by_default(full, QWEN25_7B["hidden_size"])
     else:
         checkpointing = args.grad_checkpoint == "on"
     depths = [int(x) for x in args.depths.split(",")]

@@ -92,7 +92,7 @@ class DistillConfig:
     loss: str = "restricted"  # restricted (the paper) | generalized | renormalized | full_vocab
     chunk: int = 128  # positions projected to the vocabulary at once
     # Recompute each block's activations in the backward pass. None: on for models of 3B-class
-    # size and up (trainer.wants_checkpointing), where stored activations would rival the
+    # size and up (checkpointing_by_default), where stored activations would rival the
     # 4-bit weights; off below, where it only costs time.
     grad_checkpoint: bool | None = None
     save_every: int = 10  # checkpoint every N steps (0: only at the end)
@@ -125,6 +125,29 @@ class EvalConfig:
     ppl_window: int = 256  # tokens per perplexity window (non-overlapping)
     kl_percentile: float = 95.0  # the high percentile of per-token KL reported
     examples: int = 3  # example completions per set in report.md
+
+
+# Engine sizes that fronts also need without importing MLX (the TUI's memory estimate).
+# Layers x hidden from which `grad_checkpoint = None` checkpoints: between 1.5B (28 x 1536)
+# and 3B (36 x 2048); 7B is 28 x 3584, SmolLM2-135M 30 x 576.
+CHECKPOINT_FROM = 60_000
+# Full-vocabulary logits alive at once in the loss (student and teacher, each a few float32
+# copies in the forward and the backward): 2^25 = 128 MB a copy. Uncapped, a 7B's 152k
+# vocabulary x 8 rows x 64 positions would be 311 MB a copy (bench/memory.py).
+LOGITS_CHUNK_ELEMENTS = 1 << 25
+
+
+def checkpointing_by_default(num_layers: int, hidden_size: int) -> bool:
+    """The default for `grad_checkpoint = None`: on from 3B-class models up. A 7B's stored
+    activations for 8 x 96 tokens are ~4 GB in bfloat16, as much as its 4-bit weights
+    (bench/memory.py)."""
+    return num_layers * hidden_size >= CHECKPOINT_FROM
+
+
+def loss_chunk(chunk: int, rows: int, vocab: int) -> int:
+    """Positions projected to the vocabulary at once: `chunk`, capped so that rows x positions
+    x vocab stays within LOGITS_CHUNK_ELEMENTS."""
+    return max(1, min(chunk, LOGITS_CHUNK_ELEMENTS // max(rows * vocab, 1)))
 
 
 @dataclass

@@ -21,15 +21,12 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
+from safesteer_mlx.config import loss_chunk
 from safesteer_mlx.errors import SafeSteerError
 from safesteer_mlx.progress import Callback, Reporter
 
 LOSS_VARIANTS = ("restricted", "generalized", "renormalized", "full_vocab")
 
-# Full-vocabulary logits alive at once in the loss (student and teacher, each a few float32
-# copies in the forward and the backward): 2^25 = 128 MB a copy. Uncapped, a 7B's 152k
-# vocabulary x 8 rows x 64 positions would be 311 MB a copy (bench/memory.py).
-LOGITS_CHUNK_ELEMENTS = 1 << 25
 
 
 def restricted_reverse_kl(
@@ -92,8 +89,8 @@ def chunked_loss(
     """The loss from final hidden states [B, T, D], projecting to the vocabulary `chunk`
     positions at a time under `mx.checkpoint`, so at most one chunk of full-vocabulary logits
     is alive at once, forward or backward; the chunk shrinks so it holds at most
-    LOGITS_CHUNK_ELEMENTS logits (B x chunk x V). Returns (loss, restricted KL) — the second is
-    the restricted sum whatever the training variant, for reporting."""
+    config.LOGITS_CHUNK_ELEMENTS logits (B x chunk x V). Returns (loss, restricted KL) — the
+    second is the restricted sum whatever the training variant, for reporting."""
     from safesteer_mlx.modeling import lm_head, vocab_size
 
     def piece(hs, ht, m):
@@ -118,7 +115,7 @@ def chunked_loss(
     mask = mask[:, lo:hi]
     T = hi - lo
     rows = student_hidden.shape[0]
-    chunk = max(1, min(chunk, LOGITS_CHUNK_ELEMENTS // max(rows * vocab_size(model), 1)))
+    chunk = loss_chunk(chunk, rows, vocab_size(model))
     sums = mx.zeros(student_hidden.shape[0])
     kl_sums = mx.zeros(student_hidden.shape[0])
     for t0 in range(0, T, chunk):

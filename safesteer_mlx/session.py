@@ -11,6 +11,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+from safesteer_mlx.config import checkpointing_by_default, loss_chunk
 from safesteer_mlx.errors import SafeSteerError
 from safesteer_mlx.progress import Callback, Reporter
 from safesteer_mlx.run import RunDir, atomic_write_json
@@ -144,8 +145,10 @@ def estimate_peak_memory(info: dict[str, Any], distill, dtype: str | None = None
     LoRA rank, a the activation bytes (4 for float32, else 2; `dtype`, else the model's):
       adapters  = 7 maps/layer x 2·h·r params x 4 bytes x 4 (weights, grads, Adam m, v)·L
       train     = b·T·h·L·a x 16 (activations kept for the backward pass, incl. the ~3h-wide
-                  MLP; with gradient checkpointing one layer's plus the layer inputs)
-                  + b·chunk·V x 4 bytes x 3 (float32 logits, log-softmax and its gradient)
+                  MLP; with gradient checkpointing, on by default from 3B-class models, one
+                  layer's plus the layer inputs)
+                  + b·chunk·V x 4 bytes x 3 (float32 logits, log-softmax and its gradient;
+                  chunk capped as the loss caps it)
       rollouts  = B·T·L x 2·h·a (the KV cache, full multi-head: an upper bound under GQA)
       peak      = W + adapters + max(train, rollouts)   (rollouts and training do not overlap)
     Full fine-tuning adds 3W (gradients, Adam m and v). A rough guide, not a measurement; each
@@ -160,8 +163,11 @@ def estimate_peak_memory(info: dict[str, Any], distill, dtype: str | None = None
     b, big_b = min(distill.micro_batch_size, n), min(distill.rollout_batch_size, n)
     adapters = 7 * 2 * h * distill.lora_rank * 4 * 4 * layers
     per_layer = b * t * h * a
-    acts = per_layer * (layers + 16) if distill.grad_checkpoint else per_layer * 16 * layers
-    train = acts + b * distill.chunk * vocab * 4 * 3
+    checkpointing = distill.grad_checkpoint
+    if checkpointing is None:
+        checkpointing = checkpointing_by_default(layers, h)
+    acts = per_layer * (layers + 16) if checkpointing else per_layer * 16 * layers
+    train = acts + b * loss_chunk(distill.chunk, b, vocab) * vocab * 4 * 3
     rollouts = big_b * t * layers * 2 * h * a
     extra = 3 * w if distill.fine_tune_type == "full" else 0
     peak = w + adapters + extra + max(train, rollouts)

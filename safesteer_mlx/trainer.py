@@ -12,6 +12,7 @@ import mlx.nn as nn
 import mlx.optimizers as optim
 from mlx.utils import tree_map
 
+from safesteer_mlx.config import checkpointing_by_default
 from safesteer_mlx.distill import LOSS_VARIANTS, build_batch, chunked_loss
 from safesteer_mlx.distributed import shard, sum_gradients, sum_scalars, world
 from safesteer_mlx.errors import SafeSteerError
@@ -73,7 +74,9 @@ class Trainer:
         attach(self.model, self.adapter_config)
         self._frozen = FrozenBase(self.model) if d.fine_tune_type == "full" else None
         self.checkpointing = (
-            wants_checkpointing(loaded) if d.grad_checkpoint is None else bool(d.grad_checkpoint)
+            checkpointing_by_default(loaded.num_layers, loaded.hidden_size)
+            if d.grad_checkpoint is None
+            else bool(d.grad_checkpoint)
         )
         if self.checkpointing:
             _checkpoint_blocks(self.model)
@@ -224,18 +227,6 @@ class Trainer:
 
 
 _CHECKPOINTING = False
-
-# layers x hidden size from which the block activations kept for the backward pass outgrow
-# what checkpointing costs (Qwen2.5-3B: 36 x 2048; 7B: 28 x 3584; SmolLM2-135M: 30 x 576).
-CHECKPOINT_FROM = 60_000
-
-
-def wants_checkpointing(loaded) -> bool:
-    """The default for `grad_checkpoint = None`: on from 3B-class models up. A 7B's stored
-    activations for 8 x 96 tokens are ~4 GB in bfloat16, as much as its 4-bit weights
-    (bench/memory.py)."""
-    return loaded.num_layers * loaded.hidden_size >= CHECKPOINT_FROM
-
 
 def _checkpoint_blocks(model: nn.Module) -> None:
     """Gradient checkpointing: in the training forward, each block's activations are recomputed

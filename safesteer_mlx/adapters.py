@@ -161,7 +161,9 @@ def read_adapter_config(path: Path) -> dict:
     try:
         return json.loads((path / "adapter_config.json").read_text())
     except FileNotFoundError:
-        raise SafeSteerError(f"no adapter_config.json in {path}") from None
+        raise SafeSteerError(
+            f"no adapter_config.json in {path} (give the adapters/ directory of a distilled run)"
+        ) from None
 
 
 def remove_adapters(model: nn.Module) -> None:

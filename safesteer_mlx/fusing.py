@@ -10,7 +10,6 @@ attached adapters are changed.
 from __future__ import annotations
 
 import contextlib
-import json
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -92,16 +91,6 @@ def _module_weights(module: nn.Module, prefix: str, out: dict, dtype: mx.Dtype) 
                 mx.eval(out[f"{prefix}{key}"])
 
 
-def _read_adapter_config(path: Path) -> dict:
-    try:
-        return json.loads((path / "adapter_config.json").read_text())
-    except FileNotFoundError:
-        raise SafeSteerError(
-            f"{path} has no adapter_config.json (run `safesteer-mlx distill` first, or export "
-            "the direction alone with --format control-vector)"
-        ) from None
-
-
 @contextlib.contextmanager
 def _adapters_on(model: nn.Module, adapter_dir: Path | None) -> Iterator[dict]:
     """Within the block the model carries the run's adapters, freshly read from `adapter_dir`
@@ -110,14 +99,19 @@ def _adapters_on(model: nn.Module, adapter_dir: Path | None) -> Iterator[dict]:
     from mlx.utils import tree_flatten
     from mlx_lm.tuner.utils import linear_to_lora_layers
 
-    from safesteer_mlx.adapters import _adapter_modules, _set, adapters_disabled
+    from safesteer_mlx.adapters import (
+        _adapter_modules,
+        _set,
+        adapters_disabled,
+        read_adapter_config,
+    )
 
     overlay: dict = {}
     with adapters_disabled(model):
         if adapter_dir is None:
             yield overlay
             return
-        config = _read_adapter_config(adapter_dir)
+        config = read_adapter_config(adapter_dir)
         weights = mx.load(str(adapter_dir / "adapters.safetensors"))
         kind = config.get("fine_tune_type", "lora")
         if kind == "full":

@@ -25,6 +25,13 @@ def _read_json(path: Path):
         return None
 
 
+def _shown(value, repo: str | None):
+    """A card pushed to the hub names local files by their file name only (no home paths)."""
+    if repo and isinstance(value, str) and value and Path(value).expanduser().exists():
+        return Path(value).name
+    return value
+
+
 def _usage(fmt: str, name: str, repo: str | None) -> str:
     """How to load the export from `name` (its path), or from the hub `repo` it is pushed to."""
     filename = Path(name).name
@@ -56,10 +63,12 @@ def _usage(fmt: str, name: str, repo: str | None) -> str:
             "```python\nfrom llama_cpp import Llama\n"
             f'llm = Llama(model_path="{name}")\n```'
         )
+    fetch = f"hf download {repo} {filename}\n" if repo else ""
     return (
         "The steering direction (the safety teacher) as a llama.cpp control vector. It steers "
         "the *base* model, not an aligned one:\n\n"
-        f"```sh\nllama-cli -m BASE.gguf --control-vector {name}\n```\n\n"
+        f"```sh\n{fetch}llama-cli -m BASE.gguf --control-vector "
+        f"{filename if repo else name}\n```\n\n"
         "`--control-vector-scaled FILE S` scales it; the file already holds coefficient x "
         "direction."
     )
@@ -93,10 +102,10 @@ def write_model_card(
     out = ["---", f"tags: [safesteer-mlx, safety, refusal, {library}]", f"library_name: {library}"]
     out += ["---", "", f"# {run.path.name} ({fmt})", ""]
     out.append(
-        f"**Base model:** `{config.model.name}` ({model.get('family')}, "
+        f"**Base model:** `{_shown(config.model.name, repo)}` ({model.get('family')}, "
         f"{model.get('num_layers')} layers, hidden {model.get('hidden_size')})"
         + (
-            f", with the adapter `{config.model.adapter_path}` fused first"
+            f", with the adapter `{_shown(config.model.adapter_path, repo)}` fused first"
             if config.model.adapter_path
             else ""
         )
@@ -132,7 +141,8 @@ def write_model_card(
         f"{_fmt(d.lr)}, {d.num_prompts} prompts x {d.generations} rollouts of {d.max_tokens} "
         f"tokens, {d.epochs} epoch(s), seed {config.seed}"
     )
-    out.append(f"- prompts: harmful `{config.data.harmful}`, harmless `{config.data.harmless}`")
+    harmful, harmless = (_shown(x, repo) for x in (config.data.harmful, config.data.harmless))
+    out.append(f"- prompts: harmful `{harmful}`, harmless `{harmless}`")
     if isinstance(tokens, dict):
         tokens = tokens.get("tokens")
     if isinstance(tokens, list) and tokens:

@@ -67,6 +67,7 @@ def test_upload_token_only_from_environment(tmp_path, monkeypatch):
     assert result["url"].startswith("https://huggingface.co/me/aligned")
     card = (run.export_dir / "hf" / "README.md").read_text()
     assert 'from_pretrained("me/aligned")' in card
+    assert str(tmp_path) not in card  # a pushed card names local files without their paths
     for path in run.path.rglob("*"):
         if path.is_file():
             assert b"hf_secret_token_123" not in path.read_bytes(), path

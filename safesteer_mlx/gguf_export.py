@@ -208,6 +208,25 @@ def _source_pre(loaded) -> str | None:
 _PRE_BY_FAMILY = {"qwen2": "qwen2", "qwen3": "qwen2"}
 
 
+def _split_regexes(pre: dict | None) -> list[str]:
+    """The Split regexes of a tokenizer.json pre_tokenizer (a Sequence or a single one)."""
+    if not pre:
+        return []
+    if pre.get("type") == "Sequence":
+        return [r for p in pre.get("pretokenizers", []) for r in _split_regexes(p)]
+    pattern = pre.get("pattern") or {}
+    return [pattern["Regex"]] if pre.get("type") == "Split" and "Regex" in pattern else []
+
+
+def _pre_from_regex(pre: dict | None) -> str | None:
+    """Llama 3's pre-tokenizer (digits in groups of up to three, case-insensitive
+    contractions) is llama.cpp's `llama-bpe`; under `default` llama.cpp would tokenize some
+    text unlike training (e.g. it splits the apostrophe off "'LL")."""
+    if any(r"\p{N}{1,3}" in r for r in _split_regexes(pre)):
+        return "llama-bpe"
+    return None
+
+
 def _tokenizer(writer, loaded, vocab_size: int) -> None:
     import gguf
 
@@ -235,7 +254,11 @@ def _tokenizer(writer, loaded, vocab_size: int) -> None:
             if not merges:
                 raise SafeSteerError("the BPE tokenizer has no merges, which llama.cpp requires")
             writer.add_tokenizer_model("gpt2")
-            pre = _source_pre(loaded) or _PRE_BY_FAMILY.get(loaded.config.get("model_type"))
+            pre = (
+                _source_pre(loaded)
+                or _pre_from_regex(tj.get("pre_tokenizer"))
+                or _PRE_BY_FAMILY.get(loaded.config.get("model_type"))
+            )
             writer.add_tokenizer_pre(pre or "default")
             writer.add_token_list(tokens)
             writer.add_token_types(types)

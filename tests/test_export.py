@@ -460,3 +460,38 @@ def test_sharded_hf_export_loads(tmp_path, monkeypatch):
     with torch.no_grad():
         theirs = hf(torch.tensor([ids])).logits[0].numpy()
     np.testing.assert_allclose(theirs, mlx_logits(ref.model, ids), atol=2e-4, rtol=1e-4)
+
+
+# Llama 3's pre-tokenizing regex (tokenizer.json's Split): digits in groups of up to three.
+LLAMA3_SPLIT = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
+    r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+
+
+def test_llama3_pre_tokenizer_tokenizes_in_llama_cpp_like_hf(tmp_path):
+    """A Hugging Face base with Llama 3's pre-tokenizer is written as llama.cpp's `llama-bpe`:
+    with `default`, llama.cpp splits off the apostrophe of an upper-case contraction ("'LL"),
+    which Llama 3's case-insensitive regex keeps whole."""
+    requires("gguf", "the GGUF writer")
+    from tiny import tiny_tokenizer
+
+    from safesteer_mlx.export import run_export
+
+    tok = tiny_tokenizer([("'", "L"), ("'L", "L"), ("3", "4")], split_regex=LLAMA3_SPLIT)
+    text = "I'LL pay 12345 dollars"
+    hf_ids = encode(tok, text)
+    pieces = [tok._tokenizer.decode([i]) for i in hf_ids]
+    assert "'LL" in pieces and "34" not in pieces  # "'LL" whole; "123" | "45", as Llama 3 splits
+    run, _ = make_run(tmp_path, "llama", tok=tok)
+    run_export(run, "gguf", dtype="float32")
+    path = run.export_dir / "gguf" / "model.gguf"
+    import gguf
+
+    field = gguf.GGUFReader(str(path)).fields["tokenizer.ggml.pre"]
+    assert bytes(field.parts[field.data[0]]).decode() == "llama-bpe"
+    requires("llama_cpp", "GGUF exports are checked in llama.cpp through llama-cpp-python")
+    from llama_cpp import Llama
+
+    vocab = Llama(model_path=str(path), vocab_only=True, verbose=False)
+    assert vocab.tokenize(text.encode(), add_bos=False, special=True) == hf_ids

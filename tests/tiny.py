@@ -8,7 +8,7 @@ from pathlib import Path
 import mlx.core as mx
 from mlx_lm.models import llama
 from mlx_lm.tokenizer_utils import BPEStreamingDetokenizer, TokenizerWrapper
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
 from safesteer_mlx.modeling import LoadedModel
@@ -20,14 +20,24 @@ CHAT_TEMPLATE = (
 )
 
 
-def tiny_tokenizer(merges: list[tuple[str, str]] = ()) -> TokenizerWrapper:
+def tiny_tokenizer(
+    merges: list[tuple[str, str]] = (), split_regex: str | None = None
+) -> TokenizerWrapper:
     """Byte-level BPE: every byte is a token, plus three chat specials (ids 0-2), plus the
-    results of `merges` (none by default)."""
+    results of `merges` (none by default). `split_regex` replaces GPT-2's pre-tokenizing
+    regex (as Llama 3 and Qwen 2 do)."""
     byte_chars = list(pre_tokenizers.ByteLevel.alphabet())
     tokens = SPECIALS + sorted(byte_chars) + [a + b for a, b in merges]
     vocab = {tok: i for i, tok in enumerate(tokens)}
     backend = Tokenizer(models.BPE(vocab=vocab, merges=list(merges)))
     backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    if split_regex is not None:
+        backend.pre_tokenizer = pre_tokenizers.Sequence(
+            [
+                pre_tokenizers.Split(Regex(split_regex), behavior="isolated"),
+                pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+            ]
+        )
     backend.decoder = decoders.ByteLevel()
     backend.add_special_tokens(SPECIALS)
     hf = PreTrainedTokenizerFast(

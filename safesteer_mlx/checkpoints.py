@@ -11,7 +11,7 @@ import mlx.core as mx
 from mlx.utils import tree_flatten, tree_unflatten
 
 from safesteer_mlx.errors import SafeSteerError
-from safesteer_mlx.run import atomic_path, atomic_write_json, atomic_write_text
+from safesteer_mlx.run import atomic_path, atomic_write_json, atomic_write_text, checkpoint_steps
 
 
 class Checkpoints:
@@ -29,13 +29,7 @@ class Checkpoints:
         return self.root / f"step-{step:06d}"
 
     def steps(self) -> list[int]:
-        if not self.root.exists():
-            return []
-        done = []
-        for d in self.root.glob("step-*"):
-            if (d / "state.json").exists():  # written last: the checkpoint is complete
-                done.append(int(d.name.split("-")[1]))
-        return sorted(done)
+        return checkpoint_steps(self.run)
 
     def latest(self) -> int | None:
         steps = self.steps()

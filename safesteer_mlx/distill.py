@@ -13,7 +13,6 @@ averaged over each response's tokens, then over responses.
 from __future__ import annotations
 
 import contextlib
-import json
 import math
 from dataclasses import dataclass
 
@@ -289,12 +288,6 @@ def _prompt_order(n: int, epochs: int, seed: int) -> list[int]:
     """A seeded permutation of the prompts per epoch, concatenated."""
     rng = np.random.default_rng(seed)
     return [int(i) for _ in range(epochs) for i in rng.permutation(n)]
-
-
-def read_metrics(run) -> list[dict]:
-    if not run.metrics.exists():
-        return []
-    return [json.loads(line) for line in run.metrics.read_text().splitlines() if line.strip()]
 
 
 def restricted_kl_on(

@@ -3,11 +3,10 @@ how to load it in each runtime."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from safesteer_mlx.eval_tables import summary_markdown
-from safesteer_mlx.run import atomic_write_text
+from safesteer_mlx.run import atomic_write_text, read_json
 
 
 def _fmt(value) -> str:
@@ -16,13 +15,6 @@ def _fmt(value) -> str:
     if isinstance(value, float):
         return f"{value:.4g}"
     return str(value)
-
-
-def _read_json(path: Path):
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
 
 
 def _shown(value, repo: str | None):
@@ -92,10 +84,10 @@ def write_model_card(
     from safesteer_mlx.run import RunDir
 
     run = run if isinstance(run, RunDir) else RunDir(run)
-    direction = _read_json(run.direction_json) or {}
-    tokens = _read_json(run.safety_tokens)
-    evaluation = _read_json(run.eval_json)
-    adapter = _read_json(run.adapters / "adapter_config.json") or {}
+    direction = read_json(run.direction_json) or {}
+    tokens = read_json(run.safety_tokens)
+    evaluation = read_json(run.eval_json)
+    adapter = read_json(run.adapters / "adapter_config.json") or {}
     d = config.distill
 
     library = {"hf": "transformers", "mlx": "mlx", "gguf": "gguf"}.get(fmt, "gguf")

@@ -96,8 +96,7 @@ def _examples(data: dict, n: int) -> list[dict]:
 
 def write_report(run, data: dict, config) -> list[str]:
     """Write report.md (and its PNGs) into the run directory; returns the files it references."""
-    from safesteer_mlx.distill import read_metrics
-    from safesteer_mlx.run import atomic_write_text
+    from safesteer_mlx.run import atomic_write_text, read_metrics
 
     metrics = read_metrics(run)
     plt = _pyplot()

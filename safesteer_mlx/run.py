@@ -206,3 +206,32 @@ class RunDir:
             error=None,
             **stats,
         )
+
+
+# ---- reading artifacts (no MLX: the TUI restores its screens with these) --------------------
+
+
+def read_json(path: Path) -> Any:
+    """An artifact's JSON, or None when it is absent or unreadable (e.g. being rewritten)."""
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+
+
+def read_metrics(run: RunDir) -> list[dict]:
+    """metrics.jsonl's rows (one per distillation step), skipping a torn last line."""
+    rows = []
+    if run.metrics.exists():
+        for line in run.metrics.read_text(encoding="utf-8").splitlines():
+            try:
+                rows.append(json.loads(line))
+            except ValueError:
+                continue
+    return rows
+
+
+def checkpoint_steps(run: RunDir) -> list[int]:
+    """Complete distillation checkpoints (their state.json, written last, exists)."""
+    root = run.adapters / "checkpoints"
+    return sorted(int(d.parent.name.split("-")[1]) for d in root.glob("step-*/state.json"))

@@ -10,8 +10,7 @@ from textual.binding import Binding
 from textual.containers import Horizontal
 from textual.widgets import Button, Input, Label, Static
 
-from safesteer_mlx.run import RunDir
-from safesteer_mlx.session import read_json
+from safesteer_mlx.run import RunDir, read_json
 
 
 def summary(meta: dict) -> str:

@@ -10,8 +10,7 @@ from textual.containers import Horizontal
 from textual.widgets import Button, Label, Sparkline, Static
 
 from safesteer_mlx.progress import Event
-from safesteer_mlx.run import RunDir
-from safesteer_mlx.session import checkpoint_steps, training_metrics
+from safesteer_mlx.run import RunDir, checkpoint_steps, read_metrics
 
 
 def stats_line(m: dict, total: int | None, eta: float | None) -> str:
@@ -53,7 +52,7 @@ class DistillPane(RunPane):
         entry = run.manifest()["stages"].get("distill", {}) if "manifest" not in statuses else {}
         status = entry.get("status") or "not run"
         self.query_one("#dist-status", Static).update(f"stage 3: {status}")
-        self._show_metrics(training_metrics(run), entry.get("steps"), None)
+        self._show_metrics(read_metrics(run), entry.get("steps"), None)
         self._show_checkpoints(run)
 
     def _show_checkpoints(self, run: RunDir) -> None:

@@ -8,8 +8,7 @@ from textual.binding import Binding
 from textual.containers import Horizontal
 from textual.widgets import Button, DataTable, Static
 
-from safesteer_mlx.run import RunDir
-from safesteer_mlx.session import read_json
+from safesteer_mlx.run import RunDir, read_json
 
 
 def stage_line(label: str, status: str | None) -> str:

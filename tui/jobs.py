@@ -112,7 +112,7 @@ def distill(state: State, progress: Callback, resume: bool = False, force: bool 
     and returns {"paused": True, "step": N}."""
     from safesteer_mlx.distill import run_distill
     from safesteer_mlx.modeling import load_configured
-    from safesteer_mlx.session import checkpoint_steps
+    from safesteer_mlx.run import checkpoint_steps
 
     _drop_model(state)
     Reporter("distill", progress).log(f"loading {state.config.model.name}")

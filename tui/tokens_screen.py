@@ -10,8 +10,7 @@ from textual.containers import Horizontal
 from textual.widgets import Button, DataTable, Static
 
 from safesteer_mlx.errors import SafeSteerError
-from safesteer_mlx.run import RunDir
-from safesteer_mlx.session import read_json
+from safesteer_mlx.run import RunDir, read_json
 
 
 class TokensPane(RunPane):

@@ -65,24 +65,29 @@ def summary_rows(data: dict) -> list[dict]:
     return rows
 
 
-def _fmt(x: float | None, metric: str) -> str:
+def _fmt(x: float | None, metric: str, sign: str = "") -> str:
     if x is None:
         return "n/a"
     if "rate" in metric or "unparseable" in metric:
-        return f"{100 * x:.1f}%"
+        return f"{100 * x:{sign}.1f}%"
     if metric == "perplexity":
-        return f"{x:.3f}"
-    return f"{x:.3g}"
+        return f"{x:{sign}.3f}"
+    return f"{x:{sign}.3g}"
+
+
+def summary_cells(row: dict) -> list[str]:
+    """One summary row as text: metric, judge, before, after, change (after − before)."""
+    m, before, after = row["metric"], row["before"], row["after"]
+    change = after - before if before is not None and after is not None else None
+    cells = [_fmt(before, m), _fmt(after, m), _fmt(change, m, "+")]
+    return [m, row["judge"] or "—", *cells]
 
 
 def summary_markdown(eval_data: dict) -> str:
     """The before/after table as markdown (for report.md and the model card)."""
     lines = ["| metric | judge | before | after |", "|---|---|---|---|"]
     for r in eval_data["summary"]:
-        m = r["metric"]
-        lines.append(
-            f"| {m} | {r['judge'] or '—'} | {_fmt(r['before'], m)} | {_fmt(r['after'], m)} |"
-        )
+        lines.append("| " + " | ".join(summary_cells(r)[:4]) + " |")
     return "\n".join(lines) + "\n"
 
 

@@ -22,6 +22,7 @@ from safesteer_mlx.eval_tables import (  # noqa: F401  (summary_markdown: the mo
     SUBSTRING,
     category_rates,
     disagreements,
+    summary_cells,
     summary_markdown,
     summary_rows,
 )
@@ -306,12 +307,7 @@ def run_eval(
             tokens_per_s=round(after.generation_tps, 2),
         )
     for row in data["summary"]:
-        rep.result(
-            f"{row['metric']:<28} {row['judge'] or '':<24} "
-            f"{_num(row['before'])} -> {_num(row['after'])}"
-        )
+        metric, judge, before, after, _ = summary_cells(row)
+        rep.result(f"{metric:<28} {judge:<24} {before} -> {after}")
     return {"summary": data["summary"], "eval_json": str(run.eval_json), "report": str(run.report)}
 
-
-def _num(x: float | None) -> str:
-    return "n/a" if x is None else f"{x:.4g}"

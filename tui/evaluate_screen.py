@@ -8,15 +8,12 @@ from textual.binding import Binding
 from textual.containers import Horizontal
 from textual.widgets import Button, DataTable, Static
 
+from safesteer_mlx.eval_tables import summary_cells
 from safesteer_mlx.run import RunDir, read_json
 
 
 def stage_line(label: str, status: str | None) -> str:
     return f"{label}: {status or 'not run'}"
-
-
-def _num(x) -> str:
-    return "-" if x is None else f"{x:.3g}"
 
 
 class EvaluatePane(RunPane):
@@ -39,12 +36,7 @@ class EvaluatePane(RunPane):
         table.clear()
         data = read_json(run.eval_json) or {}
         for row in data.get("summary", []):
-            before, after = row.get("before"), row.get("after")
-            change = after - before if before is not None and after is not None else None
-            table.add_row(
-                row["metric"], row.get("judge") or "", _num(before), _num(after),
-                "-" if change is None else f"{change:+.3g}",
-            )  # fmt: skip
+            table.add_row(*summary_cells(row))
 
     def on_button_pressed(self, event: Button.Pressed) -> None:
         self.action_run()
